@@ -1,0 +1,42 @@
+"""The `krea2` command line. Sub-commands live next to the code they drive and are mounted here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from krea2.errors import Krea2Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Krea 2: generate, train, evaluate, curate.")
+
+
+def _mount() -> None:
+    # Imported lazily so `krea2 --help` stays fast and one broken extra never takes the whole CLI down.
+    from krea2.commands import register
+
+    register(app)
+
+
+def main() -> None:
+    _mount()
+    try:
+        app(standalone_mode=False)
+    except Krea2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

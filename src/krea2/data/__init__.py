@@ -1,0 +1,1 @@
+"""Data: the embedded world, the emoji set, curation, and the datasets the trainer reads."""

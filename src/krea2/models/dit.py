@@ -1,0 +1,341 @@
+"""The Krea 2 single-stream DiT, tensor-for-tensor the released architecture.
+
+Module and parameter names are the official ones (`first`, `blocks.N.attn.wq`, `txtfusion.projector`, ...), so
+released checkpoints load with strict=True and ours load in the official code and diffusers' single-file loader.
+Differences from the official forward that leave outputs identical: no padding of the joint sequence to 256, a
+key-only attention mask (dropped entirely when every token is valid), RoPE tables cached across calls, and the
+norm, modulation and residual math fused into fewer elementwise passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class DiTConfig:
+    """Architecture fields under the official names (the `model` block of a release config.json)."""
+
+    features: int = 6144
+    tdim: int = 256
+    txtdim: int = 2560
+    heads: int = 48
+    kvheads: int = 12
+    multiplier: int = 4
+    layers: int = 28
+    patch: int = 2
+    channels: int = 16
+    bias: bool = False
+    theta: float = 1000.0
+    txtlayers: int = 12
+    txtheads: int = 20
+    txtkvheads: int = 20
+    txtblocks: int = 2  # layerwise and refiner blocks each; 2 in the release (not an official config field)
+
+    def __post_init__(self):
+        for name, heads in (("features", self.heads), ("txtdim", self.txtheads)):
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name}={getattr(self, name)} is not divisible by its head count {heads}")
+        if self.heads % self.kvheads or self.txtheads % self.txtkvheads:
+            raise ValueError("query heads must be a multiple of kv heads (GQA)")
+        if self.head_dim % 16 or self.head_dim < 16:
+            raise ValueError(f"head dim {self.head_dim} must be a multiple of 16 for the 3-axis RoPE split")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DiT config fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.features // self.heads
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch * self.patch
+
+    @property
+    def rope_axes(self) -> tuple[int, int, int]:
+        d = self.head_dim
+        return (d - 12 * (d // 16), 6 * (d // 16), 6 * (d // 16))
+
+
+def swiglu_hidden(dim: int, multiplier: int) -> int:
+    """SwiGLU width: int(2d/3)·multiplier rounded up to a multiple of 128 (6144 -> 16384, 2560 -> 6912)."""
+    return -(-int(2 * dim / 3) * multiplier // 128) * 128
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "krea2-12b": DiTConfig(),
+    # the reference fixture's shape: the smallest model that exercises every code path
+    "tiny": DiTConfig(features=64, tdim=32, txtdim=32, heads=4, kvheads=2, layers=2, channels=4, txtlayers=3,
+                      txtheads=2, txtkvheads=2),
+    # benchmark configuration of the core issue (dit_step.py)
+    "bench": DiTConfig(features=512, tdim=256, txtdim=256, heads=8, kvheads=2, layers=4, channels=16, txtlayers=3,
+                       txtheads=2, txtkvheads=2),
+    # pixel-space models for the embedded world with the MiniLM encoder (384 wide, 3 taps)
+    "tiny-world": DiTConfig(features=64, tdim=32, txtdim=384, heads=4, kvheads=2, layers=2, patch=2, channels=3,
+                            txtlayers=3, txtheads=6, txtkvheads=6, txtblocks=1),
+    "world-s": DiTConfig(features=256, tdim=128, txtdim=384, heads=4, kvheads=2, layers=6, patch=2, channels=3,
+                         txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
+    "world-m": DiTConfig(features=384, tdim=128, txtdim=384, heads=6, kvheads=2, layers=8, patch=2, channels=3,
+                         txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
+}
+
+
+def get_config(name_or_dict: str | dict | DiTConfig) -> DiTConfig:
+    if isinstance(name_or_dict, DiTConfig):
+        return name_or_dict
+    if isinstance(name_or_dict, dict):
+        return DiTConfig.from_dict(name_or_dict)
+    if name_or_dict not in PRESETS:
+        raise KeyError(f"unknown DiT preset {name_or_dict!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name_or_dict]
+
+
+# ---------------------------------------------------------------- functional pieces
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] scaled by 1000, cosine first, computed in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1e4) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    a = 1000.0 * t.float()[:, None] * freqs
+    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+
+
+def rope_table(pos: Tensor, axes: tuple[int, ...], theta: float) -> Tensor:
+    """Complex rotations (B, 1, L, head_dim/2) for 3-axis positions (B, L, 3); angles built in float64."""
+    parts = []
+    for a, d in enumerate(axes):
+        omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
+        parts.append(pos[..., a].double()[..., None] * omega)
+    angles = torch.cat(parts, dim=-1)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+
+
+def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x_2j, x_2j+1) in fp32 as one complex multiply; returns x's dtype."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-5) -> Tensor:
+    """Zero-centred RMSNorm in fp32: x / rms(x) * (1 + scale)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + scale.float(), eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.scale, self.eps).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.qnorm = RMSNorm(head_dim)
+        self.knorm = RMSNorm(head_dim)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with per-head QK-norm, optional RoPE and an elementwise sigmoid output gate."""
+
+    def __init__(self, dim: int, heads: int, kvheads: int, bias: bool = False):
+        super().__init__()
+        self.heads, self.kvheads, self.head_dim = heads, kvheads, dim // heads
+        self.wq = nn.Linear(dim, dim, bias=bias)
+        self.wk = nn.Linear(dim, kvheads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, kvheads * self.head_dim, bias=bias)
+        self.gate = nn.Linear(dim, dim, bias=bias)
+        self.qknorm = QKNorm(self.head_dim)
+        self.wo = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, u: Tensor, rot: Tensor | None, mask: Tensor | None) -> Tensor:
+        B, L, _ = u.shape
+        q = self.wq(u).view(B, L, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(u).view(B, L, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(u).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q = rms_norm(q, self.qknorm.qnorm.scale, self.qknorm.qnorm.eps)
+        k = rms_norm(k, self.qknorm.knorm.scale, self.qknorm.knorm.eps)
+        if rot is not None:
+            q, k = apply_rope(q, rot), apply_rope(k, rot)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kvheads != self.heads)
+        o = o.transpose(1, 2).reshape(B, L, -1)
+        return self.wo(o * torch.sigmoid(self.gate(u)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(u)) * self.up(u))
+
+
+class Modulation(nn.Module):
+    """Per-block learned bias on the shared `tproj` output (official name `mod.lin`)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.lin = nn.Parameter(torch.zeros(n * dim))
+
+
+def modulated_norm(h: Tensor, norm: RMSNorm, scale: Tensor, shift: Tensor) -> Tensor:
+    """(1 + scale) * norm(h) + shift with the norm gain folded in: two passes over h instead of four."""
+    x = F.rms_norm(h.float(), (h.shape[-1],), None, norm.eps)
+    return torch.addcmul(shift, x, (1.0 + norm.scale.float()) * (1.0 + scale))
+
+
+class Block(nn.Module):
+    """Single-stream block over [text; image]: modulated gated attention, then modulated SwiGLU."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.features
+        self.mod = Modulation(d, 6)
+        self.prenorm = RMSNorm(d)
+        self.postnorm = RMSNorm(d)
+        self.attn = Attention(d, cfg.heads, cfg.kvheads, cfg.bias)
+        self.mlp = MLP(d, swiglu_hidden(d, cfg.multiplier), cfg.bias)
+
+    def forward(self, h: Tensor, tv: Tensor, rot: Tensor, mask: Tensor | None) -> Tensor:
+        a1, b1, g1, a2, b2, g2 = (tv + self.mod.lin).float().chunk(6, dim=-1)
+        u = modulated_norm(h, self.prenorm, a1, b1).to(h.dtype)
+        h = torch.addcmul(h, g1.to(h.dtype), self.attn(u, rot, mask).to(h.dtype))
+        u = modulated_norm(h, self.postnorm, a2, b2).to(h.dtype)
+        return torch.addcmul(h, g2.to(h.dtype), self.mlp(u).to(h.dtype))
+
+
+class FusionBlock(nn.Module):
+    """Text-fusion block: pre-norm gated attention and SwiGLU, no modulation, no RoPE."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.txtdim
+        self.prenorm = RMSNorm(d)
+        self.postnorm = RMSNorm(d)
+        self.attn = Attention(d, cfg.txtheads, cfg.txtkvheads, cfg.bias)
+        self.mlp = MLP(d, swiglu_hidden(d, cfg.multiplier), cfg.bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.prenorm(x), None, mask).to(x.dtype)
+        return x + self.mlp(self.postnorm(x)).to(x.dtype)
+
+
+class TextFusion(nn.Module):
+    """Multilayer feature aggregation: attend across the tapped layers per token, collapse them, refine over tokens."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.layerwise_blocks = nn.ModuleList([FusionBlock(cfg) for _ in range(cfg.txtblocks)])
+        self.projector = nn.Linear(cfg.txtlayers, 1, bias=False)
+        self.refiner_blocks = nn.ModuleList([FusionBlock(cfg) for _ in range(cfg.txtblocks)])
+
+    def forward(self, ctx: Tensor, mask: Tensor | None) -> Tensor:
+        B, L, n, d = ctx.shape
+        x = ctx.reshape(B * L, n, d)
+        for blk in self.layerwise_blocks:
+            x = blk(x, None)
+        x = self.projector(x.transpose(-1, -2)).squeeze(-1).reshape(B, L, d)
+        for blk in self.refiner_blocks:
+            x = blk(x, mask)
+        return x
+
+
+class LastLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.features)
+        self.modulation = nn.Module()
+        self.modulation.lin = nn.Parameter(torch.zeros(2, cfg.features))
+        self.linear = nn.Linear(cfg.features, cfg.token_dim, bias=True)
+
+    def forward(self, h: Tensor, tt: Tensor) -> Tensor:
+        m = tt.float() + self.modulation.lin.float()[:, None, None, :]  # (2, B, 1, F): same tt in both rows
+        return self.linear(modulated_norm(h, self.norm, m[0], m[1]).to(h.dtype))
+
+
+def key_mask(mask: Tensor | None) -> Tensor | None:
+    """Joint validity (B, L) -> SDPA key mask (B, 1, 1, L); None when every token is valid (faster kernels)."""
+    if mask is None:
+        return None
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask[:, None, None, :]
+
+
+class DiT(nn.Module):
+    """model(img, context, t, pos, mask) -> velocity of the image tokens (official argument order)."""
+
+    def __init__(self, cfg: DiTConfig | str | dict = "krea2-12b"):
+        super().__init__()
+        cfg = get_config(cfg)
+        self.cfg = cfg
+        d = cfg.features
+        self.first = nn.Linear(cfg.token_dim, d, bias=True)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
+        self.tmlp = nn.Sequential(nn.Linear(cfg.tdim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.tproj = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(d, 6 * d))
+        self.txtfusion = TextFusion(cfg)
+        self.txtmlp = nn.Sequential(RMSNorm(cfg.txtdim), nn.Linear(cfg.txtdim, d), nn.GELU(approximate="tanh"),
+                                    nn.Linear(d, d))
+        self.last = LastLayer(cfg)
+        self._rope_cache: tuple[Tensor, Tensor] | None = None
+
+    def rope(self, pos: Tensor) -> Tensor:
+        """RoPE table for positions, reused while the positions repeat (every step of a sampler or a bucket)."""
+        c = self._rope_cache
+        if c is not None and c[0].shape == pos.shape and c[0].device == pos.device and torch.equal(c[0], pos):
+            return c[1]
+        rot = rope_table(pos, self.cfg.rope_axes, self.cfg.theta)
+        self._rope_cache = (pos.clone(), rot)
+        return rot
+
+    def condition(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Timestep -> (tt, tv): the tmlp output (used by `last`) and the shared modulation vector."""
+        tt = self.tmlp(timestep_embedding(t, self.cfg.tdim).to(dtype))[:, None]
+        return tt, self.tproj(tt)
+
+    def embed_text(self, context: Tensor, txtmask: Tensor | None) -> Tensor:
+        return self.txtmlp(self.txtfusion(context, key_mask(txtmask)))
+
+    def forward(self, img: Tensor, context: Tensor, t: Tensor, pos: Tensor, mask: Tensor | None = None,
+                return_hidden: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """img (B,N,C·p·p); context (B,Lt,txtlayers,txtdim); t (B,); pos (B,Lt+N,3); mask (B,Lt+N) bool.
+
+        With return_hidden=k, also returns the image tokens after block k (1-based), for representation alignment.
+        """
+        Lt, N = context.shape[1], img.shape[1]
+        tt, tv = self.condition(t, self.first.weight.dtype)
+        c = self.embed_text(context, None if mask is None else mask[:, :Lt])
+        h = torch.cat([c.to(img.dtype), self.first(img).to(img.dtype)], dim=1)
+        rot, kmask = self.rope(pos), key_mask(mask)
+        hidden = None
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, tv, rot, kmask)
+            if return_hidden == i + 1:
+                hidden = h[:, Lt:]
+        out = self.last(h[:, Lt:], tt)
+        return (out, hidden) if return_hidden is not None else out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
