@@ -8,7 +8,8 @@ import typer
 
 from krea2.errors import Krea2Error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Krea 2: generate, train, evaluate, curate.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Krea 2: generate, train, evaluate, curate.")
 
 
 def _mount() -> None:

@@ -1,9 +1,75 @@
-"""Registers every sub-command on the `krea2` Typer app."""
+"""Sub-commands of `krea2`. Heavy imports stay inside the commands so `--help` is instant."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from krea2.errors import Krea2Error
+
+
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    checkpoint: Annotated[str, typer.Option(help="world | raw | turbo | checkpoint folder | .safetensors")] = "world",
+    text_encoder: Annotated[str | None, typer.Option(help="Text encoder spec (default: the checkpoint's).")] = None,
+    vae: Annotated[str | None, typer.Option(help="Autoencoder spec (default: the checkpoint's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Euler steps (default: the checkpoint's preset).")] = None,
+    cfg: Annotated[float | None, typer.Option(help="Guidance g (Krea convention; 0 = no uncond pass).")] = None,
+    mu: Annotated[float | None, typer.Option(help="Pin the schedule shift mu.")] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = 0,
+    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
+    bf16: Annotated[bool, typer.Option(help="Load the DiT in bfloat16.")] = False,
+):
+    """Generate images from text."""
+    import torch
+
+    from krea2.pipeline import image_grid, load_pipeline
+
+    if num_images < 1:
+        raise Krea2Error("--num-images must be at least 1")
+    pipe = load_pipeline(checkpoint, dtype=torch.bfloat16 if bf16 else None, text_encoder=text_encoder,
+                         autoencoder=vae)
+    expanded = [p for p in prompts for _ in range(num_images)]
+    images = pipe.generate(expanded, seed=seed, steps=steps, guidance=cfg, mu=mu, width=width, height=height,
+                           progress=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(out / f"{i:04d}.png")
+    if len(images) > 1:
+        image_grid(images, cols=num_images if len(prompts) > 1 else None).save(out / "grid.png")
+    typer.echo(f"wrote {len(images)} image(s) to {out}")
+
+
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="world | raw | turbo | checkpoint folder | .safetensors")],
+    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    to: Annotated[str, typer.Option(help="Target format: diffusers.")] = "diffusers",
+):
+    """Export a DiT to another library's format."""
+    from krea2.models.convert import export_diffusers
+    from krea2.models.loading import load_dit
+    from krea2.pipeline import resolve_checkpoint
+
+    if to != "diffusers":
+        raise Krea2Error(f"unknown export format {to!r}; supported: diffusers")
+    info = resolve_checkpoint(checkpoint)
+    export_diffusers(load_dit(info.model_path, info.model), out)
+    typer.echo(f"wrote a diffusers Krea2Transformer2DModel folder to {out}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command()(generate)
+    app.command()(export)
+    from krea2.data.curation.cli import app as curate_app
+    from krea2.eval.cli import app as eval_app
+
+    app.add_typer(curate_app, name="curate", help="Data curation: the table-as-queue.")
+    app.add_typer(eval_app, name="eval", help="Evaluation on the embedded world.")
+    from krea2.train.cli import register as register_train
+
+    register_train(app)

@@ -87,9 +87,10 @@ PRESETS: dict[str, DiTConfig] = {
     # pixel-space models for the embedded world with the MiniLM encoder (384 wide, 3 taps)
     "tiny-world": DiTConfig(features=64, tdim=32, txtdim=384, heads=4, kvheads=2, layers=2, patch=2, channels=3,
                             txtlayers=3, txtheads=6, txtkvheads=6, txtblocks=1),
-    "world-s": DiTConfig(features=256, tdim=128, txtdim=384, heads=4, kvheads=2, layers=6, patch=2, channels=3,
+    # the embedded world's base model: pixel space, patch 4 (one token = 4x4 px), MiniLM text (384 wide, 3 taps)
+    "world-s": DiTConfig(features=192, tdim=128, txtdim=384, heads=3, kvheads=1, layers=5, patch=4, channels=3,
                          txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
-    "world-m": DiTConfig(features=384, tdim=128, txtdim=384, heads=6, kvheads=2, layers=8, patch=2, channels=3,
+    "world-m": DiTConfig(features=256, tdim=128, txtdim=384, heads=4, kvheads=2, layers=6, patch=4, channels=3,
                          txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
 }
 
@@ -136,6 +137,69 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-5) -> Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + scale.float(), eps)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax attention, q (B,H,Lq,D), k/v (B,KV,L,D) with H a multiple of KV (GQA), mask (B,1,1,L) bool or None.
+
+    bf16 on CPU: grouped batched matmuls (2x faster than the CPU flash kernel at these lengths; each KV head serves
+    its query group without repeating K/V). Everywhere else: SDPA, which picks flash/cuDNN kernels on GPUs.
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    B, H, Lq, D = q.shape
+    KV = k.shape[1]
+    s = torch.matmul(q.reshape(B, KV, (H // KV) * Lq, D), k.transpose(-1, -2) * D**-0.5)
+    if mask is not None:
+        s = s.masked_fill_(~mask, float("-inf"))  # in place: matmul's backward needs q and k, not s
+    p = torch.softmax(s, dim=-1)  # the bf16 kernel accumulates in fp32: no fp32 copy of the scores
+    return torch.matmul(p, v).reshape(B, H, Lq, D)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmuls will run in: autocast's when it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class ModulatedRMSNorm(torch.autograd.Function):
+    """u = h / rms(h) * coef + shift, computed in fp32 and written straight in the matmul dtype.
+
+    coef = (1 + norm gain)(1 + modulation scale) and shift are per sample (B, 1, D). Autograd over the plain chain
+    (fp32 copy, rms_norm's pow/mean/rsqrt/mul, gain, addcmul, cast, then one cast per consuming Linear under
+    autocast) keeps every intermediate and replays each in the backward; this keeps only h and the row rstd.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, coef: Tensor, shift: Tensor | None, eps: float, dtype: torch.dtype) -> Tensor:
+        hf = h.float()
+        # vector_norm reads h once without a squared temporary; rstd = 1 / sqrt(mean(h^2) + eps)
+        rstd = torch.linalg.vector_norm(hf, dim=-1, keepdim=True).square_().div_(h.shape[-1]).add_(eps).rsqrt_()
+        u = torch.empty(h.shape, dtype=dtype, device=h.device)
+        if shift is None:
+            torch.mul(hf * rstd, coef, out=u)  # fp32 math, one rounding on store
+        else:
+            torch.addcmul(shift, hf * rstd, coef, out=u)
+        ctx.save_for_backward(h, rstd, coef)
+        return u
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, rstd, coef = ctx.saved_tensors
+        x = h.float() * rstd
+        # per-sample (B, 1, D) coef/shift: sum over tokens; autograd reduces further for broadcast (D,) gains
+        grad_shift = g.sum(1, keepdim=True, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        grad_coef = (g * x).sum(1, keepdim=True) if ctx.needs_input_grad[1] else None
+        gx = g * coef
+        # d/dh of x = h * rstd: rstd * (gx - x * mean(gx * x))
+        grad_h = torch.addcmul(gx, x, (gx * x).mean(-1, keepdim=True), value=-1).mul_(rstd)
+        return grad_h.to(h.dtype), grad_coef, grad_shift, None, None
+
+
+def modulated_norm(h: Tensor, norm: RMSNorm, scale: Tensor, shift: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """(1 + scale) * norm(h) + shift in fp32, returned in `dtype` (default h's); scale/shift (B, 1, D) fp32."""
+    coef = (1.0 + norm.scale.float()) * (1.0 + scale)
+    return ModulatedRMSNorm.apply(h, coef, shift, norm.eps, dtype or h.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -143,7 +207,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.scale, self.eps).to(x.dtype)
+        """Normalised x in the dtype of the matmul that consumes it."""
+        return ModulatedRMSNorm.apply(x, 1.0 + self.scale.float(), None, self.eps, compute_dtype(x))
 
 
 class QKNorm(nn.Module):
@@ -151,6 +216,10 @@ class QKNorm(nn.Module):
         super().__init__()
         self.qnorm = RMSNorm(head_dim)
         self.knorm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        # kept in fp32 for RoPE; a module call (not inline) so tensor parallelism can replicate the shared scales
+        return rms_norm(q, self.qnorm.scale, self.qnorm.eps), rms_norm(k, self.knorm.scale, self.knorm.eps)
 
 
 class Attention(nn.Module):
@@ -166,19 +235,20 @@ class Attention(nn.Module):
         self.qknorm = QKNorm(self.head_dim)
         self.wo = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, u: Tensor, rot: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, u: Tensor, rot: Tensor | None, mask: Tensor | None, start: int = 0) -> Tensor:
+        """Keys/values from every token of u, queries (and the output) only from token `start` on."""
         B, L, _ = u.shape
-        q = self.wq(u).view(B, L, -1, self.head_dim).transpose(1, 2)
+        uq = u[:, start:]
+        q = self.wq(uq).view(B, L - start, -1, self.head_dim).transpose(1, 2)
         k = self.wk(u).view(B, L, -1, self.head_dim).transpose(1, 2)
         v = self.wv(u).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q = rms_norm(q, self.qknorm.qnorm.scale, self.qknorm.qnorm.eps)
-        k = rms_norm(k, self.qknorm.knorm.scale, self.qknorm.knorm.eps)
+        q, k = self.qknorm(q, k)
         if rot is not None:
-            q, k = apply_rope(q, rot), apply_rope(k, rot)
+            q, k = apply_rope(q, rot[:, :, start:]), apply_rope(k, rot)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kvheads != self.heads)
-        o = o.transpose(1, 2).reshape(B, L, -1)
-        return self.wo(o * torch.sigmoid(self.gate(u)))
+        o = attention(q, k, v, mask)
+        o = o.transpose(1, 2).reshape(B, L - start, -1)
+        return self.wo(o * torch.sigmoid(self.gate(uq)))
 
 
 class MLP(nn.Module):
@@ -200,12 +270,6 @@ class Modulation(nn.Module):
         self.lin = nn.Parameter(torch.zeros(n * dim))
 
 
-def modulated_norm(h: Tensor, norm: RMSNorm, scale: Tensor, shift: Tensor) -> Tensor:
-    """(1 + scale) * norm(h) + shift with the norm gain folded in: two passes over h instead of four."""
-    x = F.rms_norm(h.float(), (h.shape[-1],), None, norm.eps)
-    return torch.addcmul(shift, x, (1.0 + norm.scale.float()) * (1.0 + scale))
-
-
 class Block(nn.Module):
     """Single-stream block over [text; image]: modulated gated attention, then modulated SwiGLU."""
 
@@ -218,12 +282,15 @@ class Block(nn.Module):
         self.attn = Attention(d, cfg.heads, cfg.kvheads, cfg.bias)
         self.mlp = MLP(d, swiglu_hidden(d, cfg.multiplier), cfg.bias)
 
-    def forward(self, h: Tensor, tv: Tensor, rot: Tensor, mask: Tensor | None) -> Tensor:
-        a1, b1, g1, a2, b2, g2 = (tv + self.mod.lin).float().chunk(6, dim=-1)
-        u = modulated_norm(h, self.prenorm, a1, b1).to(h.dtype)
-        h = torch.addcmul(h, g1.to(h.dtype), self.attn(u, rot, mask).to(h.dtype))
-        u = modulated_norm(h, self.postnorm, a2, b2).to(h.dtype)
-        return torch.addcmul(h, g2.to(h.dtype), self.mlp(u).to(h.dtype))
+    def forward(self, h: Tensor, tv: Tensor, rot: Tensor, mask: Tensor | None, start: int = 0) -> Tensor:
+        """start > 0 returns only tokens start.. (the last block: text outputs are never read, skip their work)."""
+        a1, b1, g1, a2, b2, g2 = (tv.float() + self.mod.lin.float()).chunk(6, dim=-1)
+        dtype = compute_dtype(h)  # norm outputs go straight to the matmul dtype: one cast, not one per Linear
+        u = modulated_norm(h, self.prenorm, a1, b1, dtype)
+        # the residual stream keeps its dtype; addcmul promotes a bf16 branch output without a separate cast
+        h = torch.addcmul(h[:, start:], g1.to(h.dtype), self.attn(u, rot, mask, start))
+        u = modulated_norm(h, self.postnorm, a2, b2, dtype)
+        return torch.addcmul(h, g2.to(h.dtype), self.mlp(u))
 
 
 class FusionBlock(nn.Module):
@@ -238,8 +305,8 @@ class FusionBlock(nn.Module):
         self.mlp = MLP(d, swiglu_hidden(d, cfg.multiplier), cfg.bias)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.prenorm(x), None, mask).to(x.dtype)
-        return x + self.mlp(self.postnorm(x)).to(x.dtype)
+        x = x + self.attn(self.prenorm(x), None, mask)  # a bf16 branch output is promoted, x keeps its dtype
+        return x + self.mlp(self.postnorm(x))
 
 
 class TextFusion(nn.Module):
@@ -251,12 +318,22 @@ class TextFusion(nn.Module):
         self.projector = nn.Linear(cfg.txtlayers, 1, bias=False)
         self.refiner_blocks = nn.ModuleList([FusionBlock(cfg) for _ in range(cfg.txtblocks)])
 
-    def forward(self, ctx: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, ctx: Tensor, txtmask: Tensor | None) -> Tensor:
+        """ctx (B, L, txtlayers, txtdim), txtmask (B, L) bool or None -> (B, L, txtdim); padded slots come out as
+        garbage that no valid token ever reads."""
         B, L, n, d = ctx.shape
         x = ctx.reshape(B * L, n, d)
+        # the layer-wise pass is per token: run it on valid tokens only and leave padded slots zero
+        keep = None if txtmask is None or bool(txtmask.all()) else txtmask.reshape(-1).nonzero().squeeze(1)
+        if keep is not None:
+            x = x[keep]
         for blk in self.layerwise_blocks:
             x = blk(x, None)
-        x = self.projector(x.transpose(-1, -2)).squeeze(-1).reshape(B, L, d)
+        x = self.projector(x.transpose(-1, -2)).squeeze(-1)
+        if keep is not None:
+            x = x.new_zeros(B * L, d).index_copy(0, keep, x)
+        x = x.reshape(B, L, d)
+        mask = key_mask(txtmask)
         for blk in self.refiner_blocks:
             x = blk(x, mask)
         return x
@@ -272,7 +349,7 @@ class LastLayer(nn.Module):
 
     def forward(self, h: Tensor, tt: Tensor) -> Tensor:
         m = tt.float() + self.modulation.lin.float()[:, None, None, :]  # (2, B, 1, F): same tt in both rows
-        return self.linear(modulated_norm(h, self.norm, m[0], m[1]).to(h.dtype))
+        return self.linear(modulated_norm(h, self.norm, m[0], m[1], compute_dtype(h)))
 
 
 def key_mask(mask: Tensor | None) -> Tensor | None:
@@ -316,7 +393,7 @@ class DiT(nn.Module):
         return tt, self.tproj(tt)
 
     def embed_text(self, context: Tensor, txtmask: Tensor | None) -> Tensor:
-        return self.txtmlp(self.txtfusion(context, key_mask(txtmask)))
+        return self.txtmlp(self.txtfusion(context, txtmask))
 
     def forward(self, img: Tensor, context: Tensor, t: Tensor, pos: Tensor, mask: Tensor | None = None,
                 return_hidden: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -331,10 +408,10 @@ class DiT(nn.Module):
         rot, kmask = self.rope(pos), key_mask(mask)
         hidden = None
         for i, blk in enumerate(self.blocks):
-            h = blk(h, tv, rot, kmask)
+            h = blk(h, tv, rot, kmask, start=Lt if i == len(self.blocks) - 1 else 0)
             if return_hidden == i + 1:
-                hidden = h[:, Lt:]
-        out = self.last(h[:, Lt:], tt)
+                hidden = h[:, -N:]
+        out = self.last(h, tt)
         return (out, hidden) if return_hidden is not None else out
 
     def num_params(self) -> int:

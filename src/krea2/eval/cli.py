@@ -1,0 +1,59 @@
+"""`krea2 eval ...`: evaluation commands (mounted by krea2.commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluation on the embedded world.")
+
+
+@app.callback()
+def _group() -> None:
+    """Evaluation on the embedded world."""
+
+
+@app.command()
+def world(
+    checkpoint: Annotated[str, typer.Option(help="world (the shipped checkpoint) or a checkpoint folder.")] = "world",
+    prompts: Annotated[str, typer.Option(help="world_eval | world_eval_small | a JSONL prompt file.")] = "world_eval",
+    out: Annotated[Path, typer.Option(help="JSON report; the image grid goes next to it as .png.")] = Path(
+        "world_eval.json"),
+    images_per_prompt: Annotated[int, typer.Option(help="Images per prompt (seeds seed, seed+1, ...).")] = 1,
+    seed: Annotated[int, typer.Option(help="Image i of the run uses seed + i.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Euler steps (default: the checkpoint's).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance g (default: the checkpoint's).")] = None,
+    size: Annotated[int | None, typer.Option(help="Image side in px (default: the model's native side).")] = None,
+    fid: Annotated[bool, typer.Option(help="Also report FID against world renders.")] = True,
+):
+    """Sample the world prompts, score them with the exact checker; prints per-tag accuracy, overall last."""
+    from krea2.eval.checker import load_prompts
+    from krea2.eval.world_eval import evaluate_pipeline, format_summary, prompts_path, write_report
+    from krea2.pipeline import load_pipeline
+
+    records = load_prompts(prompts_path(prompts))
+    pipe = load_pipeline(checkpoint, device="cpu")
+    report, images = evaluate_pipeline(pipe, records, images_per_prompt, seed, steps, guidance, size, with_fid=fid)
+    report["checkpoint"], report["prompts"] = checkpoint, str(prompts_path(prompts))
+    report_path, grid_path = write_report(report, images, out, cols=max(images_per_prompt, 9))
+    typer.echo(f"wrote {report_path} and {grid_path} ({report['n_images']} images, "
+               f"{report['seconds']['generate']:.1f}s sampling)")
+    for line in format_summary(report):
+        typer.echo(line)
+
+
+@app.command("train-encoder")
+def train_encoder(
+    steps: Annotated[int, typer.Option(help="Optimizer steps (batch 32 of fresh renders at 16-64 px).")] = 2500,
+    out: Annotated[Path | None, typer.Option(help="Weights path (default: the shipped asset).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+):
+    """Train the world encoder (FID features, iREPA teacher) on world renders; a few minutes on CPU."""
+    from krea2.eval.world_encoder import ASSET, save_world_encoder, train_world_encoder
+
+    model, info = train_world_encoder(steps=steps, seed=seed)
+    path = save_world_encoder(model, info, out or ASSET)
+    typer.echo(f"validation accuracy {info['val_accuracy']}")
+    typer.echo(f"wrote {path}")

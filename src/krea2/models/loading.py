@@ -1,0 +1,125 @@
+"""Load and save DiT weights as safetensors in the released layout, with one-line errors for bad files.
+
+Models are built on the meta device and filled with `assign=True` from memory-mapped tensors, so peak memory stays
+near one copy of the weights (no random init, no second copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from krea2.errors import Krea2Error
+from krea2.models.dit import DiT, DiTConfig, swiglu_hidden
+
+DIFFUSERS_PREFIX = "model.diffusion_model."
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file (memory-mapped on CPU), with clear errors for the usual mistakes."""
+    path = Path(path)
+    if not path.exists():
+        raise Krea2Error(f"checkpoint not found: {path} (check the path, or set KREA2_RAW / KREA2_TURBO)")
+    if path.is_dir():
+        raise Krea2Error(f"{path} is a directory; pass the .safetensors file inside it or a krea2 checkpoint folder")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:2] == b"PK" or head[:1] == b"\x80":
+        raise Krea2Error(f"{path} is not a safetensors file (pickled .pt/.ckpt files are not loaded for safety); "
+                         "convert it to .safetensors first")
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt", device=device) as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Krea2Error(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
+
+
+def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept ComfyUI-style files whose keys sit under `model.diffusion_model.`."""
+    if any(k.startswith(DIFFUSERS_PREFIX) for k in sd):
+        return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in sd.items()}
+    return sd
+
+
+def infer_config(sd: dict[str, torch.Tensor], patch: int = 2, theta: float = 1000.0) -> DiTConfig:
+    """Read the architecture off the tensor shapes (patch and theta cannot be seen; released values by default)."""
+    try:
+        features, token_dim = sd["first.weight"].shape
+        head_dim = sd["blocks.0.attn.qknorm.qnorm.scale"].shape[0]
+        txtdim = sd["txtmlp.0.scale"].shape[0]
+        txt_head = sd["txtfusion.refiner_blocks.0.attn.qknorm.qnorm.scale"].shape[0]
+        hidden = sd["blocks.0.mlp.gate.weight"].shape[0]
+        multiplier = next(m for m in range(1, 17) if swiglu_hidden(features, m) == hidden)
+        return DiTConfig(
+            features=features, tdim=sd["tmlp.0.weight"].shape[1], txtdim=txtdim, heads=features // head_dim,
+            kvheads=sd["blocks.0.attn.wk.weight"].shape[0] // head_dim, multiplier=multiplier,
+            layers=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), patch=patch,
+            channels=token_dim // (patch * patch), bias="blocks.0.attn.wq.bias" in sd, theta=theta,
+            txtlayers=sd["txtfusion.projector.weight"].shape[1], txtheads=txtdim // txt_head,
+            txtkvheads=sd["txtfusion.refiner_blocks.0.attn.wk.weight"].shape[0] // txt_head,
+            txtblocks=len({k.split(".")[2] for k in sd if k.startswith("txtfusion.refiner_blocks.")}),
+        )
+    except (KeyError, StopIteration, ValueError) as e:
+        raise Krea2Error(f"cannot read a Krea 2 architecture from these tensors ({e!r}); is this a Krea 2 DiT "
+                         "checkpoint?") from None
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Names and shapes must match exactly; the error lists the first offenders."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise Krea2Error(f"{source} does not match the model: {len(missing)} missing tensor(s) {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}; check the config/preset matches the file")
+    wrong = [f"{k} {tuple(sd[k].shape)} != {v}" for k, v in expected.items() if tuple(sd[k].shape) != v]
+    if wrong:
+        raise Krea2Error(f"{source} has {len(wrong)} tensor(s) of the wrong shape, e.g. {wrong[0]}; "
+                         "check the config/preset matches the file")
+
+
+def load_dit(path: str | Path, cfg: DiTConfig | None = None, dtype: torch.dtype | None = None,
+             device: str = "cpu") -> DiT:
+    """Build on meta, check, and assign the file's tensors (cast only if dtype differs)."""
+    sd = strip_prefix(read_safetensors(path, device=device))
+    cfg = cfg or infer_config(sd)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    check_state_dict(model, sd, source=str(path))
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over path: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_dit(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+             metadata: dict[str, str] | None = None) -> None:
+    """Released-layout safetensors (official names, contiguous tensors), written atomically."""
+    sd = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(sd, tmp, metadata=metadata))
+
+
+def save_json(obj: dict, path: str | Path) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))

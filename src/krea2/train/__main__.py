@@ -1,0 +1,3 @@
+from krea2.train.cli import main
+
+main()

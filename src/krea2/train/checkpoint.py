@@ -1,0 +1,179 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP), and the export to the released single-file layout.
+
+A checkpoint is a folder: DCP shards of {"model", "optimizer"} (fully-qualified names, so it reshards onto any
+number of ranks and any FSDP/TP layout) plus `extra.pt` (step, RNG, data position: whatever the trainer passes).
+Saves are atomic: everything is written to `<dir>.tmp` and renamed once complete, so a crash mid-save never leaves
+a folder that looks loadable. Works the same in a single process with no process group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from krea2.errors import Krea2Error
+
+EXTRA_FILE = "extra.pt"
+# DCP warns on every single-process call that it assumes a single process; that is exactly the intent here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_async_group = None  # a dedicated gloo group so background saves never interleave with training collectives
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _tmp_dir(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tmp")
+
+
+def _prepare_tmp(directory: Path) -> Path:
+    """Rank 0 clears a stale temp folder left by a crashed save; everyone waits so no rank writes into it early."""
+    tmp = _tmp_dir(directory)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def _publish(tmp: Path, directory: Path) -> None:
+    """Rank 0 swaps the finished temp folder into place (replacing an older save of the same name)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optimizer": osd}
+
+
+def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        extra: dict | None = None, *, async_save: bool = False) -> Future | None:
+    """Save model (+ optimizer) shards and `extra` to `directory`; every rank calls it.
+
+    With async_save=True the state is staged to CPU before returning and written in a background thread; the returned
+    future completes (on rank 0: after the folder is renamed into place) when the save is durable. Wait on it before
+    the next save. Synchronous saves return None.
+    """
+    directory = Path(directory)
+    tmp = _prepare_tmp(directory)
+    if _rank() == 0:
+        torch.save(dict(extra or {}), tmp / EXTRA_FILE)
+    state = _training_state(model, optimizer)
+    if not async_save:
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+        _barrier()  # every rank's shards are written before rank 0 renames
+        if _rank() == 0:
+            _publish(tmp, directory)
+        _barrier()
+        return None
+
+    global _async_group
+    if _distributed() and _async_group is None:
+        _async_group = dist.new_group(backend="gloo")
+    response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=_async_group,
+                              no_dist=not _distributed())
+    future = getattr(response, "upload_completion", response)
+    done: Future = Future()
+
+    def finish(f: Future) -> None:
+        try:
+            f.result()
+            # DCP's coordinator (rank 0) writes .metadata only after every rank reported its writes, so rank 0's
+            # future completing means the whole checkpoint is on disk.
+            if _rank() == 0:
+                _publish(tmp, directory)
+            done.set_result(directory)
+        except BaseException as e:  # surface the failure on the returned future, never in the background thread
+            done.set_exception(e)
+
+    future.add_done_callback(finish)
+    return done
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    d = Path(directory)
+    return (d / ".metadata").is_file() and (d / EXTRA_FILE).is_file()
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The most recently written complete checkpoint folder under root (temp folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [d for d in root.iterdir() if d.is_dir() and not d.name.endswith(".tmp") and is_checkpoint(d)]
+    return max(found, key=lambda d: (d / ".metadata").stat().st_mtime_ns, default=None)
+
+
+def load_training_state(directory: str | os.PathLike, model: nn.Module,
+                        optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load model (+ optimizer) in place from `directory`, resharding to this run's layout; returns `extra`."""
+    directory = Path(directory)
+    if not is_checkpoint(directory):
+        raise Krea2Error(f"{directory} is not a complete krea2 checkpoint (no .metadata or {EXTRA_FILE})")
+    state = _training_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False)
+
+
+def full_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Gathered, unsharded model weights on CPU under the released names (rank 0 gets them; others get {})."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=options)  # a collective under FSDP/TP: every rank calls it
+    if _rank() != 0:
+        return {}
+    # get_model_state_dict already strips wrapper prefixes (activation checkpointing, torch.compile)
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def export_safetensors(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
+                       metadata: dict[str, str] | None = None) -> Path | None:
+    """Write the full model as one safetensors file in the released layout (official names); rank 0 writes.
+
+    Every rank calls it (the gather is collective). Returns the path on rank 0, None elsewhere.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = full_state_dict(model, dtype)
+    written = None
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(sd, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+        written = path
+    _barrier()
+    return written

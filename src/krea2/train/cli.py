@@ -1,0 +1,50 @@
+"""`krea2 train RECIPE` and `torchrun -m krea2.train RECIPE`: the same entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML (see recipes/).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set stages.0.steps=20")] = None,
+    validate: Annotated[bool, typer.Option(help="Parse the recipe and build its stages, then stop.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
+):
+    """Train a recipe: every stage in order, each from the previous stage's output."""
+    from krea2.train.config import load_recipe
+    from krea2.train.trainer import train_recipe, validate_recipe
+
+    r = load_recipe(recipe, set_)
+    if validate:
+        typer.echo(validate_recipe(r))
+        return
+    final = train_recipe(r, out or Path("runs") / r.name, resume=resume, progress=progress)
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(f"final checkpoint: {final}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry for `python -m krea2.train` (torchrun): the train command alone, with one-line errors."""
+    import sys
+
+    from krea2.errors import Krea2Error
+
+    single = typer.Typer(add_completion=False)
+    single.command()(train)
+    try:
+        single(args=argv, standalone_mode=False)
+    except Krea2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

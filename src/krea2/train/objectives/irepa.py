@@ -1,0 +1,107 @@
+"""iREPA (arXiv 2512.10794): align an intermediate block's image tokens with a frozen vision encoder's patch
+features of the clean image, through a 3×3 conv projector and spatially normalised teacher features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from krea2.errors import Krea2Error
+
+
+class HFVisionTeacher(nn.Module):
+    """Patch tokens of a transformers vision backbone (DINOv2/DINOv3/SigLIP) as a (B, D, gh, gw) grid."""
+
+    def __init__(self, model: nn.Module, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        cfg = model.config
+        self.patch, self.size = cfg.patch_size, cfg.image_size
+        self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std)[None, :, None, None], persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def features(self, images: Tensor) -> Tensor:
+        x = F.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        tokens = self.model(pixel_values=(x - self.mean) / self.std).last_hidden_state
+        g = self.size // self.patch
+        tokens = tokens[:, -g * g:]  # drop CLS and register tokens, which precede the patches
+        return tokens.transpose(1, 2).reshape(len(x), -1, g, g)
+
+
+class WorldTeacher(nn.Module):
+    """The project's world encoder (trained on the world's labels): no downloads, any side 16-64."""
+
+    def __init__(self):
+        super().__init__()
+        from krea2.eval.world_encoder import load_world_encoder
+
+        self.encoder = load_world_encoder().eval().requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.cfg.dim
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.encoder.features(images)
+
+
+def load_teacher(spec: str) -> nn.Module:
+    if spec == "world":
+        return WorldTeacher()
+    if spec.startswith("hf:"):
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(spec[3:], local_files_only=True)
+        except OSError as e:
+            raise Krea2Error(f"iREPA teacher {spec[3:]!r} not found locally ({e.__class__.__name__}); pass a local "
+                             "folder with config.json and weights (e.g. facebook/dinov2-base downloaded beforehand)")\
+                from None
+        return HFVisionTeacher(getattr(model, "vision_model", model))
+    raise Krea2Error(f"unknown iREPA teacher {spec!r}; use world or hf:PATH")
+
+
+def spatial_normalize(y: Tensor, gamma: float, eps: float = 1e-6) -> Tensor:
+    """(y − γ·mean_tokens(y)) / (std_tokens(y) + eps), per sample and channel: stresses spatial contrast."""
+    flat = y.flatten(2)
+    mean, std = flat.mean(-1, keepdim=True), flat.std(-1, keepdim=True)
+    return ((flat - gamma * mean) / (std + eps)).view_as(y)
+
+
+class IREPA(nn.Module):
+    def __init__(self, teacher: nn.Module, features: int, layer: int, weight: float, gamma: float, until: int):
+        super().__init__()
+        # kept outside the module tree: frozen, rebuilt from its spec, never in the optimizer or a checkpoint
+        object.__setattr__(self, "teacher", teacher)
+        self.projector = nn.Conv2d(features, teacher.dim, kernel_size=3, padding=1)
+        self.layer, self.base_weight, self.gamma, self.until = layer, weight, gamma, until
+
+    @classmethod
+    def from_config(cls, cfg, features: int, stage_steps: int) -> IREPA:
+        until = cfg.irepa_until or stage_steps
+        return cls(load_teacher(cfg.irepa_teacher), features, cfg.irepa_layer, cfg.irepa_weight, cfg.irepa_gamma,
+                   until)
+
+    def weight(self, step: int) -> float:
+        """λ, ramped linearly to 0 over the last 5% of the aligned span, then off."""
+        if step >= self.until:
+            return 0.0
+        ramp = max(1, int(0.05 * self.until))
+        return self.base_weight * min(1.0, (self.until - step) / ramp)
+
+    def forward(self, hidden: Tensor, images: Tensor, gh: int, gw: int) -> Tensor:
+        """Mean negative cosine between projected DiT tokens (B, N, F) and the teacher grid resampled to (gh, gw)."""
+        B, N, Fdim = hidden.shape
+        p = self.projector(hidden.transpose(1, 2).reshape(B, Fdim, gh, gw).to(self.projector.weight.dtype))
+        with torch.no_grad():
+            y = self.teacher.features(images.float())
+            if y.shape[-2:] != (gh, gw):
+                y = F.interpolate(y, size=(gh, gw), mode="bilinear", align_corners=False)
+            y = spatial_normalize(y.float(), self.gamma)
+        return -F.cosine_similarity(p.float(), y, dim=1).mean()

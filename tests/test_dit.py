@@ -1,0 +1,154 @@
+"""The DiT: released layout, diffusers parity, masking invariances, loading errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED_REFERENCE, fixture_dirs
+
+from krea2.errors import Krea2Error
+from krea2.models.convert import export_diffusers, to_diffusers
+from krea2.models.dit import PRESETS, DiT, DiTConfig
+from krea2.models.loading import infer_config, load_dit, save_dit
+from krea2.sampling import joint_inputs, patchify
+
+
+def random_model(preset="tiny", seed=0) -> DiT:
+    torch.manual_seed(seed)
+    m = DiT(preset)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1 or p.shape[0] == 2:
+                p.normal_(0, 0.1)  # norms and modulations are zero at init; randomise to exercise them
+    return m.eval()
+
+
+def random_inputs(cfg: DiTConfig, B=2, Lt=5, gh=4, gw=6, pad=(0, 2)):
+    img = torch.randn(B, gh * gw, cfg.token_dim)
+    ctx = torch.randn(B, Lt, cfg.txtlayers, cfg.txtdim)
+    txtmask = torch.ones(B, Lt, dtype=torch.bool)
+    for b, n in enumerate(pad):
+        if n:
+            txtmask[b, -n:] = False
+    pos, mask = joint_inputs(txtmask, gh, gw)
+    return img, ctx, torch.rand(B), pos, mask, txtmask
+
+
+def test_released_state_dict_names_and_shapes():
+    ref = json.loads((SHARED_REFERENCE / "krea2-12b-state-dict.json").read_text())
+    with torch.device("meta"):
+        model = DiT("krea2-12b")
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == ref
+    assert sum(v.numel() for v in model.state_dict().values()) == 12_820_073_036
+
+
+@pytest.mark.parametrize("d", fixture_dirs(), ids=lambda d: d.name)
+def test_fixture_config_loads(d):
+    cfg = DiTConfig(**json.loads((d / "config.json").read_text())["model"])
+    assert infer_config(DiT(cfg).state_dict(), patch=cfg.patch, theta=cfg.theta) == cfg
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_infer_config_roundtrip(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        sd = DiT(cfg).state_dict()
+    assert infer_config(sd, patch=cfg.patch, theta=cfg.theta) == cfg
+
+
+def test_output_independent_of_masked_text_slots():
+    m = random_model()
+    img, ctx, t, pos, mask, txtmask = random_inputs(m.cfg, pad=(0, 0))
+    with torch.no_grad():
+        ref = m(img, ctx, t, pos, mask)
+        # append 7 masked text slots full of garbage: valid outputs must not move
+        extra = torch.randn(2, 7, *ctx.shape[2:]) * 100
+        ctx2 = torch.cat([ctx, extra], 1)
+        txt2 = torch.cat([txtmask, torch.zeros(2, 7, dtype=torch.bool)], 1)
+        pos2, mask2 = joint_inputs(txt2, 4, 6)
+        out = m(img, ctx2, t, pos2, mask2)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_padding_to_256_like_the_release_changes_nothing():
+    m = random_model()
+    img, ctx, t, pos, mask, _ = random_inputs(m.cfg)
+    with torch.no_grad():
+        ref = m(img, ctx, t, pos, mask)
+        # the official forward pads h, pos and mask to a multiple of 256; emulate via extra masked text slots
+        Lt, N = ctx.shape[1], img.shape[1]
+        n_pad = (-(Lt + N)) % 256
+        ctx_p = torch.cat([ctx, torch.zeros(2, n_pad, *ctx.shape[2:])], 1)
+        txt_p = torch.cat([mask[:, :Lt], torch.zeros(2, n_pad, dtype=torch.bool)], 1)
+        pos_p, mask_p = joint_inputs(txt_p, 4, 6)
+        out = m(img, ctx_p, t, pos_p, mask_p)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_diffusers_parity():
+    m = random_model()
+    img, ctx, t, pos, mask, txtmask = random_inputs(m.cfg)
+    tf = to_diffusers(m)
+    with torch.no_grad():
+        ours = m(img, ctx, t, pos, mask)
+        theirs = tf(img, ctx, t, pos[0], txtmask, return_dict=False)[0]
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_export_diffusers_from_pretrained(tmp_path):
+    from diffusers import Krea2Transformer2DModel
+
+    m = random_model()
+    export_diffusers(m, tmp_path / "tf")
+    tf = Krea2Transformer2DModel.from_pretrained(tmp_path / "tf").eval()
+    img, ctx, t, pos, mask, txtmask = random_inputs(m.cfg)
+    with torch.no_grad():
+        assert (m(img, ctx, t, pos, mask) - tf(img, ctx, t, pos[0], txtmask, return_dict=False)[0]).abs().max() < 1e-5
+
+
+def test_save_load_roundtrip_strict(tmp_path):
+    m = random_model()
+    save_dit(m, tmp_path / "m.safetensors")
+    m2 = load_dit(tmp_path / "m.safetensors")  # config inferred from shapes
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_bf16_autocast_close_to_fp32():
+    m = random_model("bench")
+    img, ctx, t, pos, mask, _ = random_inputs(m.cfg)
+    with torch.no_grad():
+        ref = m(img, ctx, t, pos, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(img, ctx, t, pos, mask)
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(Krea2Error, match="not found"):
+        load_dit(tmp_path / "nope.safetensors")
+    pt = tmp_path / "w.ckpt"
+    torch.save({"a": torch.zeros(1)}, pt)
+    with pytest.raises(Krea2Error, match="not a safetensors file"):
+        load_dit(pt)
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(Krea2Error, match="not a readable safetensors"):
+        load_dit(garbage)
+    m = random_model()
+    save_dit(m, tmp_path / "m.safetensors")
+    with pytest.raises(Krea2Error, match="missing tensor"):
+        load_dit(tmp_path / "m.safetensors", cfg=PRESETS["bench"])
+    big = DiTConfig(**{**PRESETS["tiny"].to_dict(), "features": 128, "heads": 8})
+    with pytest.raises(Krea2Error, match="wrong shape"):
+        load_dit(tmp_path / "m.safetensors", cfg=big)
+
+
+def test_patchify_layout():
+    lat = torch.arange(2 * 3 * 4 * 4).float().reshape(2, 3, 4, 4)
+    tok = patchify(lat, 2)
+    # token 1 = grid (0, 1); feature c*4 + dy*2 + dx
+    assert tok[0, 1, 1 * 4 + 1 * 2 + 0] == lat[0, 1, 1, 2]
