@@ -2,9 +2,10 @@
 
 Config (core issue): features 512, heads 8, kv-heads 2, 4 layers, text dim 256 with 3 layers, batch 2, 256 image
 + 64 text tokens. Reports forward and forward+backward times, the ratio diffusers/ours, and the fraction of this
-machine's measured fp32 / bf16 matmul peak our step reaches.
+machine's measured fp32 / bf16 matmul peak our step reaches (official FLOPs over our time). Ratios are
+diffusers/ours of the medians ("ratio") and of the fastest rounds ("min-ratio", steadier on a shared machine).
 
-    python benchmarks/dit_step.py [--rounds 12] [--threads N]
+    python benchmarks/dit_step.py [--rounds 12] [--threads N] [--precision fp32|bf16] [--passes fwd+bwd] [--compile]
 """
 
 from __future__ import annotations
@@ -42,25 +43,26 @@ def step_flops(model: DiT, B: int, Lt: int, N: int) -> float:
 
     f = 2 * w(model.blocks) * B * L + 2 * w(model.txtmlp) * B * Lt + 2 * (w(model.first) + w(model.last)) * B * N
     f += 2 * (w(model.tmlp) + w(model.tproj)) * B
-    f += 2 * w(model.txtfusion.layerwise_blocks) * B * Lt * cfg.txtlayers + 2 * w(model.txtfusion.refiner_blocks) * B * Lt
+    f += 2 * w(model.txtfusion.layerwise_blocks) * B * Lt * cfg.txtlayers
+    f += 2 * w(model.txtfusion.refiner_blocks) * B * Lt
     f += cfg.layers * 4 * B * L * L * cfg.features  # QK^T and PV
     f += cfg.txtblocks * 4 * (B * Lt * cfg.txtlayers**2 + B * Lt * Lt) * cfg.txtdim
     return f
 
 
-def bench(fn, rounds: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def ratio_row(label: str, ours: list[float], theirs: list[float], total: float, peak: float) -> str:
+    o, d = statistics.median(ours), statistics.median(theirs)
+    return (f"{label:28s} {o * 1e3:8.1f} {d * 1e3:13.1f} {d / o:6.2f} {min(theirs) / min(ours):8.2f} "
+            f"{100 * total / o / 1e9 / peak:9.0f}%")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
+    ap.add_argument("--compile", action="store_true", help="add a row for ours with per-block torch.compile")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,40 +80,51 @@ def main():
     txtmask[1, 48:] = False  # one padded caption, as in a real batch
     pos, mask = joint_inputs(txtmask, gh, gw)
     t = torch.rand(B)
+    compiled = None
+    if args.compile:
+        compiled = DiT("bench").train()
+        compiled.load_state_dict(ours.state_dict())
+        for block in compiled.blocks:
+            block.compile()
 
-    def run_ours(backward: bool):
-        out = ours(img, ctx, t, pos, mask)
-        if backward:
-            out.float().square().mean().backward()
-
-    def run_theirs(backward: bool):
-        out = theirs(img, ctx, t, pos[0], txtmask, return_dict=False)[0]
+    def run(model, backward: bool):
+        if model is theirs:
+            out = theirs(img, ctx, t, pos[0], txtmask, return_dict=False)[0]
+        else:
+            out = model(img, ctx, t, pos, mask)
         if backward:
             out.float().square().mean().backward()
 
     flops = step_flops(ours, B, Lt, gh * gw)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak "
-          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; step {flops / 1e9:.2f} GFLOP fwd")
-    print(f"{'precision':10s} {'pass':9s} {'ours ms':>8s} {'diffusers ms':>13s} {'ratio':>6s} {'ours %peak':>10s}")
-    for precision in ("fp32", "bf16"):
-        for backward in (False, True):
-            ctx_mgr = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else (
-                lambda: torch.autocast("cpu", enabled=False))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds; measured matmul peak "
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; step {flops / 1e9:.2f} GFLOP fwd "
+          "(official work; ours skips some)")
+    print(f"{'case':28s} {'ours ms':>8s} {'diffusers ms':>13s} {'ratio':>6s} {'min-ratio':>8s} {'ours %peak':>10s}")
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    passes = [False, True] if args.passes == "both" else [args.passes == "fwd+bwd"]
+    for precision in precisions:
+        for backward in passes:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
             grad = torch.enable_grad if backward else torch.no_grad
-            times = {"ours": [], "diffusers": []}
-            with ctx_mgr(), grad():
-                for fn in (run_ours, run_theirs):
-                    fn(backward), fn(backward)  # warm-up
-                for _ in range(args.rounds):  # alternate so drift on a noisy machine hits both equally
-                    times["ours"] += bench(lambda: run_ours(backward), 1)
-                    times["diffusers"] += bench(lambda: run_theirs(backward), 1)
-            ours.zero_grad(set_to_none=True)
-            theirs.zero_grad(set_to_none=True)
-            o, d = statistics.median(times["ours"]), statistics.median(times["diffusers"])
-            total = flops * (3 if backward else 1)
-            print(f"{precision:10s} {'fwd+bwd' if backward else 'fwd':9s} {o * 1e3:8.1f} {d * 1e3:13.1f} "
-                  f"{d / o:6.2f} {100 * total / o / 1e9 / peaks[precision]:9.0f}%")
+            models = {"ours": ours, "diffusers": theirs, **({"compiled": compiled} if compiled else {})}
+            times = {k: [] for k in models}
+            with autocast, grad():
+                for model in models.values():  # warm-up (and compilation)
+                    run(model, backward), run(model, backward)
+                for _ in range(args.rounds):  # alternate so drift on a noisy machine hits all equally
+                    for k, model in models.items():
+                        t0 = time.perf_counter()
+                        run(model, backward)
+                        times[k].append(time.perf_counter() - t0)
+            for model in models.values():
+                model.zero_grad(set_to_none=True)
+            label = f"{precision} {'fwd+bwd' if backward else 'fwd'}"
+            total, peak = flops * (3 if backward else 1), peaks[precision]
+            print(ratio_row(label, times["ours"], times["diffusers"], total, peak))
+            if compiled:
+                print(ratio_row(label + " compiled", times["compiled"], times["diffusers"], total, peak) +
+                      f"  ({statistics.median(times['ours']) / statistics.median(times['compiled']):.2f}x eager)")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,21 @@ def test_checker_tolerates_slight_noise_and_blur(size):
     assert ok / n >= 0.95
 
 
+def test_a_pixel_of_spill_across_a_cell_border_is_not_an_extra_object():
+    scene = world.Scene("white", "flat", [world.WorldObject("square", "blue", "large", "center")])
+    img = world.render(scene, 32, 0)
+    ys, xs = np.nonzero(img[..., 2].astype(int) > img[..., 0].astype(int) + 50)
+    spill = xs.min() - 1 if xs.min() == 11 else xs.max() + 1  # the centre cell spans columns 11-20 at 32 px
+    spilled = img.copy()
+    spilled[ys.min():ys.max() + 1, spill] = world.COLORS["blue"]
+    assert _seen(checker.detect(spilled)) == _truth(scene)
+    # a real extra blob is still an extra object: the checker is not loosened
+    blob = img.copy()
+    blob[2:5, 2:5] = world.COLORS["blue"]
+    assert len(checker.detect(blob).objects) == 2
+    assert not checker.check(blob, {"prompt": "", "tag": "single_object", "objects": [{"shape": "square"}]})
+
+
 def _two(style="flat", bg="white"):
     return world.Scene(bg, style, [world.WorldObject("circle", "red", "small", "left"),
                                    world.WorldObject("square", "blue", "large", "right")])

@@ -87,7 +87,7 @@ def test_interrupted_save_is_not_loadable_and_latest_skips_it(tmp_path):
     model, opt = trained_tiny(1)
     save_training_state(tmp_path / "step-1", model, opt, {"step": 1})
     (tmp_path / "step-2.tmp").mkdir()  # a save that crashed half-way
-    (tmp_path / "step-2.tmp" / "extra.pt").write_bytes(b"")
+    (tmp_path / "step-2.tmp" / "extra.json").write_text("{")
     assert latest_checkpoint(tmp_path) == tmp_path / "step-1"
     save_training_state(tmp_path / "step-2", model, opt, {"step": 2})  # clears the stale temp folder
     assert latest_checkpoint(tmp_path) == tmp_path / "step-2"

@@ -59,6 +59,15 @@ def test_emoji_and_world_to_training_rows(store_url, tmp_path):
     again = list(rows.batches(2))
     assert [ex.meta["id"] for ex in again[0]] == [ex.meta["id"] for ex in batches[2]]
     assert np.array_equal(again[0][0].image, batches[2][0].image)
+    # The trainer reads the rows: two steps of a tiny model on them.
+    from krea2.train.config import parse_recipe
+    from krea2.train.trainer import train_recipe
+
+    recipe = parse_recipe({"name": "rows", "model": {"preset": "tiny-world"}, "stages": [
+        {"name": "a", "steps": 2, "batch_size": 4, "data": {"source": "rows", "path": str(tmp_path / "rows"),
+                                                            "size": 32, "pool": 64}}]})
+    final = train_recipe(recipe, tmp_path / "run", progress=False)
+    assert (final / "model.safetensors").is_file()
 
 
 def _png(color=(200, 30, 30), size=(40, 30), mode="RGB") -> bytes:

@@ -61,6 +61,7 @@ def test_sample_scene_respects_restrictions_and_world_rules():
     assert {o.size for s in scenes for o in s.objects} == {"large"}
     for s in scenes:
         world.validate_scene(s)
+    assert {o.size for s in _scenes(50, large_only=True) for o in s.objects} == {"large"}
     everything = _scenes(600)
     assert {len(s.objects) for s in everything} == {1, 2, 3, 4}
     assert {s.style for s in everything} == set(world.STYLES)

@@ -11,7 +11,8 @@ from krea2.errors import Krea2Error
 
 
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    # optional for click so that no prompts is our one-line error (exit 2), not a usage dump
+    prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.", show_default=False)] = None,
     checkpoint: Annotated[str, typer.Option(help="world | raw | turbo | checkpoint folder | .safetensors")] = "world",
     text_encoder: Annotated[str | None, typer.Option(help="Text encoder spec (default: the checkpoint's).")] = None,
     vae: Annotated[str | None, typer.Option(help="Autoencoder spec (default: the checkpoint's).")] = None,
@@ -30,6 +31,8 @@ def generate(
 
     from krea2.pipeline import image_grid, load_pipeline
 
+    if not prompts:
+        raise Krea2Error('no prompts given; pass at least one, e.g. krea2 generate "a red fox in snow"')
     if num_images < 1:
         raise Krea2Error("--num-images must be at least 1")
     pipe = load_pipeline(checkpoint, dtype=torch.bfloat16 if bf16 else None, text_encoder=text_encoder,

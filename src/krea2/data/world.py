@@ -130,13 +130,18 @@ def validate_scene(scene: Scene, where: str = "") -> None:
 # ------------------------------------------------------------------------------------------------------- sampling
 def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 4), styles: Sequence[str] | None = None,
                  backgrounds: Sequence[str] | None = None, sizes: Sequence[str] | None = None,
-                 shapes: Sequence[str] | None = None, colors: Sequence[str] | None = None) -> Scene:
-    """A random scene. n_objects is an inclusive range; the lists restrict attributes (curricula, prompt tags)."""
+                 shapes: Sequence[str] | None = None, colors: Sequence[str] | None = None,
+                 large_only: bool = False) -> Scene:
+    """A random scene. n_objects is an inclusive range; the lists restrict attributes (curricula, prompt tags).
+
+    large_only is sizes=["large"]: what a 16 px curriculum stage wants, where small objects are 3 px.
+    """
     lo, hi = n_objects
     if not 1 <= lo <= hi <= 4:
         raise Krea2Error(f"n_objects must satisfy 1 <= lo <= hi <= 4, got {n_objects}")
     styles, backgrounds = list(styles or STYLES), list(backgrounds or BACKGROUNDS)
-    sizes, shapes, colors = list(sizes or SIZES), list(shapes or SHAPES), list(colors or COLORS)
+    sizes = ["large"] if large_only else list(sizes or SIZES)
+    shapes, colors = list(shapes or SHAPES), list(colors or COLORS)
     for values, allowed, what in ((styles, STYLES, "style"), (backgrounds, BACKGROUNDS, "background"),
                                   (sizes, SIZES, "size"), (shapes, SHAPES, "shape"), (colors, COLORS, "color")):
         for v in values:

@@ -135,6 +135,26 @@ class _Blob:
     canvas: int
 
 
+def _is_spill(fg: np.ndarray, cell: np.ndarray, ys: slice, xs: slice) -> bool:
+    """A sliver at most 2 px thick against a cell border, touching foreground across it: part of the neighbour.
+
+    Renders never have one (objects stay inside their cells and the only footprint thinner than 3 px, a small striped
+    circle, keeps a margin); a sampled object a pixel off its cell would otherwise count as an extra object.
+    """
+    rows, cols = np.nonzero(cell)
+    rows, cols = rows + ys.start, cols + xs.start  # canvas coordinates
+    s = fg.shape[0]
+    if cols.max() - cols.min() < 2:
+        for across in (xs.start - 1, xs.stop):  # the column just outside each side of the cell
+            if 0 <= across < s and np.abs(cols - across).min() == 1 and fg[rows, across].any():
+                return True
+    if rows.max() - rows.min() < 2:
+        for across in (ys.start - 1, ys.stop):
+            if 0 <= across < s and np.abs(rows - across).min() == 1 and fg[across, cols].any():
+                return True
+    return False
+
+
 def _blobs(img: np.ndarray, fg: np.ndarray, classes: np.ndarray) -> list[_Blob]:
     s = img.shape[0]
     b = world.cell_bounds(s)
@@ -145,7 +165,7 @@ def _blobs(img: np.ndarray, fg: np.ndarray, classes: np.ndarray) -> list[_Blob]:
         win = (slice(b[r], b[r + 1]), slice(b[c], b[c + 1]))
         cell_fg = fg[win]
         total = int(cell_fg.sum())
-        if total < min_px:
+        if total < min_px or _is_spill(fg, cell_fg, *win):
             continue
         counts = np.bincount(classes[win][cell_fg], minlength=len(COLOR_NAMES))
         groups = [i for i in np.argsort(-counts) if counts[i] >= max(min_px, GROUP_SHARE * total)] or [counts.argmax()]

@@ -88,8 +88,8 @@ PRESETS: dict[str, DiTConfig] = {
     "tiny-world": DiTConfig(features=64, tdim=32, txtdim=384, heads=4, kvheads=2, layers=2, patch=2, channels=3,
                             txtlayers=3, txtheads=6, txtkvheads=6, txtblocks=1),
     # the embedded world's base model: pixel space, patch 4 (one token = 4x4 px), MiniLM text (384 wide, 3 taps)
-    "world-s": DiTConfig(features=192, tdim=128, txtdim=384, heads=3, kvheads=1, layers=5, patch=4, channels=3,
-                         txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
+    "world-s": DiTConfig(features=192, tdim=128, txtdim=384, heads=3, kvheads=1, multiplier=3, layers=6, patch=4,
+                         channels=3, txtlayers=2, txtheads=3, txtkvheads=3, txtblocks=1),
     "world-m": DiTConfig(features=256, tdim=128, txtdim=384, heads=4, kvheads=2, layers=6, patch=4, channels=3,
                          txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
 }
@@ -117,19 +117,30 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 def rope_table(pos: Tensor, axes: tuple[int, ...], theta: float) -> Tensor:
-    """Complex rotations (B, 1, L, head_dim/2) for 3-axis positions (B, L, 3); angles built in float64."""
+    """Rotations (B, 1, L, head_dim/2, 2) as fp32 (cos, sin) for 3-axis positions (B, L, 3); angles in float64.
+
+    Real-valued so the table slices and compiles like any tensor; eager views it as complex64 for free.
+    """
     parts = []
     for a, d in enumerate(axes):
         omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
         parts.append(pos[..., a].double()[..., None] * omega)
     angles = torch.cat(parts, dim=-1)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()[:, None]
 
 
 def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x_2j, x_2j+1) in fp32 as one complex multiply; returns x's dtype."""
+    """Rotate adjacent pairs (x_2j, x_2j+1) in fp32; returns x's dtype.
+
+    Eager: one complex multiply (a single pass). Under torch.compile the same product written out in reals, since
+    inductor cannot generate code for complex ops and would fall back to eager kernels around them.
+    """
+    if torch.compiler.is_compiling():
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rot.unbind(-1)
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    return torch.view_as_real(xc * torch.view_as_complex(rot)).flatten(-2).to(x.dtype)
 
 
 def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-5) -> Tensor:
@@ -146,12 +157,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     B, H, Lq, D = q.shape
-    KV = k.shape[1]
-    s = torch.matmul(q.reshape(B, KV, (H // KV) * Lq, D), k.transpose(-1, -2) * D**-0.5)
+    KV, L = k.shape[1], k.shape[2]
+    # scores = bias + D^-0.5 q k^T in one GEMM per (sample, KV head): the mask as an additive -inf bias and the
+    # softmax scale as alpha, so neither costs a pass over the scores (nor a masked_fill copy in the backward)
+    bias = q.new_zeros(B, 1, 1, L)
     if mask is not None:
-        s = s.masked_fill_(~mask, float("-inf"))  # in place: matmul's backward needs q and k, not s
+        bias = bias.masked_fill(~mask, float("-inf"))
+    s = torch.baddbmm(bias.expand(B, KV, 1, L).reshape(B * KV, 1, L), q.reshape(B * KV, (H // KV) * Lq, D),
+                      k.reshape(B * KV, L, D).transpose(1, 2), beta=1.0 if mask is not None else 0.0, alpha=D**-0.5)
     p = torch.softmax(s, dim=-1)  # the bf16 kernel accumulates in fp32: no fp32 copy of the scores
-    return torch.matmul(p, v).reshape(B, H, Lq, D)
+    return torch.bmm(p, v.reshape(B * KV, L, D)).view(B, H, Lq, D)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -237,17 +252,17 @@ class Attention(nn.Module):
 
     def forward(self, u: Tensor, rot: Tensor | None, mask: Tensor | None, start: int = 0) -> Tensor:
         """Keys/values from every token of u, queries (and the output) only from token `start` on."""
-        B, L, _ = u.shape
         uq = u[:, start:]
-        q = self.wq(uq).view(B, L - start, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(u).view(B, L, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(u).view(B, L, -1, self.head_dim).transpose(1, 2)
+        # (B, L, heads * hd) -> (B, heads, L, hd); no sizes computed from `start` (keeps compiled shapes simple)
+        q = self.wq(uq).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+        k = self.wk(u).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+        v = self.wv(u).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         q, k = self.qknorm(q, k)
         if rot is not None:
             q, k = apply_rope(q, rot[:, :, start:]), apply_rope(k, rot)
         q, k = q.to(v.dtype), k.to(v.dtype)
         o = attention(q, k, v, mask)
-        o = o.transpose(1, 2).reshape(B, L - start, -1)
+        o = o.transpose(1, 2).flatten(2)
         return self.wo(o * torch.sigmoid(self.gate(uq)))
 
 
@@ -406,12 +421,17 @@ class DiT(nn.Module):
         c = self.embed_text(context, None if mask is None else mask[:, :Lt])
         h = torch.cat([c.to(img.dtype), self.first(img).to(img.dtype)], dim=1)
         rot, kmask = self.rope(pos), key_mask(mask)
+        # text outputs of the last block are never read: it runs queries and MLP for image tokens only. Not when the
+        # block is compiled (nn.Module.compile): its query start then differs from the other blocks' 0, becomes a
+        # dynamic int and trips inductor's shape algebra (torch 2.13)
+        last = len(self.blocks) - 1
+        start = 0 if getattr(self.blocks[last], "_compiled_call_impl", None) is not None else Lt
         hidden = None
         for i, blk in enumerate(self.blocks):
-            h = blk(h, tv, rot, kmask, start=Lt if i == len(self.blocks) - 1 else 0)
+            h = blk(h, tv, rot, kmask, start=start if i == last else 0)
             if return_hidden == i + 1:
                 hidden = h[:, -N:]
-        out = self.last(h, tt)
+        out = self.last(h[:, -N:], tt)
         return (out, hidden) if return_hidden is not None else out
 
     def num_params(self) -> int:

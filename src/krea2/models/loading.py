@@ -29,10 +29,14 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
     if path.is_dir():
         raise Krea2Error(f"{path} is a directory; pass the .safetensors file inside it or a krea2 checkpoint folder")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:2] == b"PK" or head[:1] == b"\x80":
-        raise Krea2Error(f"{path} is not a safetensors file (pickled .pt/.ckpt files are not loaded for safety); "
-                         "convert it to .safetensors first")
+        head = f.read(9)
+    # safetensors: u64 little-endian header length, then a JSON header. Check that shape rather than sniffing for
+    # pickle magic: the length's low byte can itself be 0x80 or "P" in a perfectly good file.
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    if not (head[8:9] == b"{" and 8 + n <= path.stat().st_size):
+        pickled = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+        raise Krea2Error(f"{path} is not a safetensors file" + (" (pickled .pt/.ckpt files are not loaded for safety)"
+                         if pickled else "") + "; convert it to .safetensors first")
     try:
         out = {}
         with safe_open(str(path), framework="pt", device=device) as f:
@@ -117,7 +121,8 @@ def atomic_write(path: Path, write) -> None:
 def save_dit(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None,
              metadata: dict[str, str] | None = None) -> None:
     """Released-layout safetensors (official names, contiguous tensors), written atomically."""
-    sd = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+          for k, v in model.state_dict().items()}
     atomic_write(Path(path), lambda tmp: save_file(sd, tmp, metadata=metadata))
 
 

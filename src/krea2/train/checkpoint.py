@@ -1,7 +1,7 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP), and the export to the released single-file layout.
 
 A checkpoint is a folder: DCP shards of {"model", "optimizer"} (fully-qualified names, so it reshards onto any
-number of ranks and any FSDP/TP layout) plus `extra.pt` (step, RNG, data position: whatever the trainer passes).
+number of ranks and any FSDP/TP layout) plus `extra.json` + `extra.safetensors` (step, RNG, data position).
 Saves are atomic: everything is written to `<dir>.tmp` and renamed once complete, so a crash mid-save never leaves
 a folder that looks loadable. Works the same in a single process with no process group.
 """
@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from krea2.errors import Krea2Error
 
-EXTRA_FILE = "extra.pt"
+EXTRA_FILE = "extra.json"  # plain values; tensor values (RNG states) go to extra.safetensors: no pickle anywhere
+EXTRA_TENSORS = "extra.safetensors"
 # DCP warns on every single-process call that it assumes a single process; that is exactly the intent here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _async_group = None  # a dedicated gloo group so background saves never interleave with training collectives
@@ -86,7 +87,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     directory = Path(directory)
     tmp = _prepare_tmp(directory)
     if _rank() == 0:
-        torch.save(dict(extra or {}), tmp / EXTRA_FILE)
+        write_extra(tmp, dict(extra or {}))
     state = _training_state(model, optimizer)
     if not async_save:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
@@ -145,7 +146,28 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module,
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=False)
+    return read_extra(directory)
+
+
+def write_extra(directory: Path, extra: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items() if isinstance(v, torch.Tensor)}
+    (directory / EXTRA_FILE).write_text(json.dumps({k: v for k, v in extra.items() if k not in tensors}))
+    save_file(tensors, str(directory / EXTRA_TENSORS))
+
+
+def read_extra(directory: Path) -> dict:
+    import json
+
+    from safetensors.torch import load_file
+
+    extra = json.loads((directory / EXTRA_FILE).read_text())
+    if (directory / EXTRA_TENSORS).is_file():
+        extra.update(load_file(str(directory / EXTRA_TENSORS)))
+    return extra
 
 
 def full_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -162,20 +162,30 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def apply_override(d: dict, item: str) -> None:
+    """`a.b.c=value` (TOML value syntax; bare words are strings); `stages.*.steps=10` sets it in every stage."""
     if "=" not in item:
         raise Krea2Error(f"override {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare strings
-    node, parts = d, key.split(".")
-    for p in parts[:-1]:
-        if p == "stages*":
-            raise Krea2Error("use stages.N.key=value")
-        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-    last = parts[-1]
+        value = raw
+    _set_path(d, key.split("."), value, item)
+
+
+def _set_path(node, parts: list[str], value, item: str) -> None:
+    head, rest = parts[0], parts[1:]
     if isinstance(node, list):
-        node[int(last)] = value
+        try:
+            targets = range(len(node)) if head == "*" else [int(head)]
+            for i in targets:
+                if rest:
+                    _set_path(node[i], rest, value, item)
+                else:
+                    node[i] = value
+        except (ValueError, IndexError):
+            raise Krea2Error(f"override {item!r}: {head!r} is not a valid index (0..{len(node) - 1} or *)") from None
+    elif rest:
+        _set_path(node.setdefault(head, {}), rest, value, item)
     else:
-        node[last] = value
+        node[head] = value

@@ -76,6 +76,7 @@ class StageData:
         self.captions = [[ex.captions.get(k) or next(ex.captions[c] for c in CAPTION_KINDS if ex.captions.get(c))
                           for k in self.kinds] for ex in examples]
         self.rows, self.empty = self._encode(text_encoder, cache_dir, progress)
+        self.latents = self._latents(progress)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,6 +111,18 @@ class StageData:
         rows = [by_text[c] for caps in self.captions for c in caps]  # flat index i * n_kinds + k
         return rows, by_text[""]
 
+    def _latents(self, progress) -> Tensor:
+        """Posterior means of the whole pool, encoded once: the autoencoder is frozen."""
+        out = []
+        for start in tqdm(range(0, len(self.images), 256), desc="encoding latents", disable=not progress,
+                          leave=False):
+            with torch.no_grad():
+                out.append(self.ae.encode(self.pixels(torch.arange(start, min(start + 256, len(self.images))))))
+        return torch.cat(out)
+
+    def pixels(self, idx: Tensor) -> Tensor:
+        return self.images[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
     def indices(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
         idx = rng.integers(len(self), size=batch_size)
@@ -131,8 +144,7 @@ class StageData:
         for b, r in enumerate(rows):
             context[b, :len(r)] = r.float()
             txtmask[b, :len(r)] = True
-        images = self.images[torch.from_numpy(idx)].permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
-        with torch.no_grad():
-            latent = self.ae.encode(images)
+        idx = torch.from_numpy(idx)
+        images, latent = self.pixels(idx).to(device), self.latents[idx].to(device)
         gh, gw = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
         return Batch(patchify(latent, self.patch), context.to(device), txtmask.to(device), images, gh, gw)

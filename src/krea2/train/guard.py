@@ -80,7 +80,7 @@ class SpikeGuard:
             return self._bad(f"grad norm is {gnorm}")
         if len(self.losses) >= min(self.cfg.min_steps, self.cfg.window):
             med = statistics.median(self.losses)
-            if loss > self.cfg.spike_factor * med:
+            if med > 0 and loss > self.cfg.spike_factor * med:  # a ratio test means nothing for med <= 0
                 return self._bad(f"loss {loss:.4g} > {self.cfg.spike_factor}x running median {med:.4g}")
             if gnorm is not None and self.cfg.grad_norm_factor > 0 and self.grad_norms:
                 gmed = statistics.median(self.grad_norms)

@@ -209,7 +209,8 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         loss.backward()
         grad_norm = parallel.clip_grad_norm_(trainable.parameters(), stage.grad_clip)
         loss_value = parallel.all_reduce_mean(loss.detach())
-        verdict = guard.check(loss_value, grad_norm)
+        # judge the data-fit term: auxiliary terms (iREPA's −cos) can make the total negative
+        verdict = guard.check(parallel.all_reduce_mean(metrics.get("loss/flow", loss.detach())), grad_norm)
         if verdict.ok:
             opt.step()
             if ema is not None:
@@ -236,7 +237,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         if main:
             with open(sdir / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{wsd_lr(step, stage):.2e}")
+            bar.set_postfix(flow=f"{float(metrics['loss/flow']):.4f}", lr=f"{wsd_lr(step, stage):.2e}")
             bar.update(1)
             if done % stage.log_every == 0 or done == stage.steps:
                 dt = time.perf_counter() - t_last
