@@ -79,7 +79,8 @@ def main():
                 n_txt.append(batch.context.shape[1])
         seconds = sum(times)
         samples = args.steps * stage.batch_size
-        print(f"{stage.name:14s} {stage.data.size:4d} {stage.batch_size:5d} {batch.x0.shape[1]:4d}+{max(n_txt):3d}txt "
+        tokens = f"{batch.x0.shape[1]}+{max(n_txt)}txt"
+        print(f"{stage.name:14s} {stage.data.native:4d} {stage.batch_size:5d} {tokens:>11s} "
               f"{samples / seconds:10.1f} {flops / samples / 1e9:13.2f} "
               f"{100 * flops / seconds / peaks[stage.precision]:6.0f}%")
 

@@ -32,7 +32,7 @@ def _build(cls, d: dict, where: str):
 @dataclass
 class DataConfig:
     source: str = "world"  # world | emoji | rows (Parquet training rows from `krea2 curate export`)
-    size: int = 32  # square side in pixels for world/emoji; rows carry their own buckets
+    size: int | list[int] = 32  # square side(s) for world/emoji: a list makes one size bucket each; rows carry theirs
     pool: int = 4096  # scenes rendered and captions encoded once per stage (cached frozen-encoder states)
     n_objects: tuple[int, int] = (1, 4)
     styles: list[str] | None = None
@@ -41,6 +41,15 @@ class DataConfig:
     path: str = ""  # rows: the exported Parquet folder
     captions: dict[str, float] = field(default_factory=lambda: {"long": 0.7, "medium": 0.2, "short": 0.1})
     caption_dropout: float = 0.1  # replaced by the empty-prompt encoding, never zeros
+
+    @property
+    def resolutions(self) -> list[int]:
+        return self.size if isinstance(self.size, list) else [self.size]
+
+    @property
+    def native(self) -> int:
+        """The largest bucket side: the resolution the stage's output is sampled at."""
+        return max(self.resolutions)
 
     def __post_init__(self):
         self.n_objects = tuple(self.n_objects)

@@ -36,15 +36,19 @@ class Batch:
 
 
 def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
+    """The stage's pool. World/emoji: `pool` examples split over the square sizes of `size`; rows: the exported
+    same-bucket batches from the start of the manifest."""
+    sizes = cfg.resolutions
     if cfg.source == "world":
         from krea2.data.world import world_examples
 
-        return list(world_examples(cfg.pool, cfg.size, seed, n_objects=cfg.n_objects, styles=cfg.styles,
-                                   backgrounds=cfg.backgrounds, sizes=cfg.sizes))
+        return [ex for k, side in enumerate(sizes) for ex in world_examples(
+            cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, styles=cfg.styles,
+            backgrounds=cfg.backgrounds, sizes=cfg.sizes)]
     if cfg.source == "emoji":
         from krea2.data.emoji import emoji_examples
 
-        return list(emoji_examples(cfg.size, limit=cfg.pool))
+        return [ex for side in sizes for ex in emoji_examples(side, limit=cfg.pool // len(sizes))]
     from krea2.data.curation.rows import TrainingRows
 
     rows = TrainingRows(cfg.path)
@@ -55,9 +59,6 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
             break
     if not out:
         raise Krea2Error(f"no training rows in {cfg.path}; run `krea2 curate export` first")
-    sizes = {ex.image.shape for ex in out}
-    if len(sizes) > 1:  # one bucket per pool keeps every batch same-shaped; export one bucket per stage
-        raise Krea2Error(f"{cfg.path} holds several buckets {sorted(sizes)}; export one bucket for this stage")
     return out[: cfg.pool]
 
 
@@ -68,7 +69,11 @@ class StageData:
                  cache_dir: str | Path | None = None, progress: bool = True):
         self.cfg, self.seed, self.ae, self.patch = cfg, seed, autoencoder, patch
         examples = pool_examples(cfg, seed)
-        self.images = torch.from_numpy(np.stack([ex.image for ex in examples]))  # (P, H, W, 3) uint8
+        # size buckets: every batch is drawn from one image shape (resolution/aspect), picked per step
+        shapes = sorted({ex.image.shape for ex in examples})
+        self.buckets = [torch.tensor([i for i, ex in enumerate(examples) if ex.image.shape == sh]) for sh in shapes]
+        self.bucket_p = np.array([len(b) for b in self.buckets], dtype=np.float64) / len(examples)
+        self.images = [torch.from_numpy(np.stack([examples[i].image for i in b.tolist()])) for b in self.buckets]
         self.kinds = [k for k in CAPTION_KINDS if cfg.captions.get(k, 0) > 0]
         weights = np.array([cfg.captions[k] for k in self.kinds], dtype=np.float64)
         self.kind_p = weights / weights.sum()
@@ -79,7 +84,7 @@ class StageData:
         self.latents = self._latents(progress)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return sum(len(b) for b in self.buckets)
 
     def _encode(self, encoder, cache_dir, progress) -> tuple[list[Tensor], Tensor]:
         """Valid rows of every distinct caption (plus ""), encoded once and cached in one file per pool."""
@@ -111,32 +116,35 @@ class StageData:
         rows = [by_text[c] for caps in self.captions for c in caps]  # flat index i * n_kinds + k
         return rows, by_text[""]
 
-    def _latents(self, progress) -> Tensor:
-        """Posterior means of the whole pool, encoded once: the autoencoder is frozen."""
+    def _latents(self, progress) -> list[Tensor]:
+        """Posterior means of the whole pool, encoded once per bucket: the autoencoder is frozen."""
         out = []
-        for start in tqdm(range(0, len(self.images), 256), desc="encoding latents", disable=not progress,
-                          leave=False):
-            with torch.no_grad():
-                out.append(self.ae.encode(self.pixels(torch.arange(start, min(start + 256, len(self.images))))))
-        return torch.cat(out)
+        for b in range(len(self.buckets)):
+            chunks = [self.ae.encode(self.pixels(b, torch.arange(i, min(i + 256, len(self.images[b])))))
+                      for i in tqdm(range(0, len(self.images[b]), 256), desc="encoding latents", leave=False,
+                                    disable=not progress)]
+            out.append(torch.cat(chunks))
+        return out
 
-    def pixels(self, idx: Tensor) -> Tensor:
-        return self.images[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    def pixels(self, bucket: int, local: Tensor) -> Tensor:
+        return self.images[bucket][local].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
-    def indices(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def indices(self, step: int, batch_size: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        idx = rng.integers(len(self), size=batch_size)
+        bucket = int(rng.choice(len(self.buckets), p=self.bucket_p))
+        local = rng.integers(len(self.buckets[bucket]), size=batch_size)
         kind = rng.choice(len(self.kinds), size=batch_size, p=self.kind_p)
         drop = rng.random(batch_size) < self.cfg.caption_dropout
-        return idx, kind, drop
+        return bucket, local, kind, drop
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> Batch:
         """The global batch of `step`, of which this rank takes its disjoint slice."""
         if batch_size % world:
             raise Krea2Error(f"batch_size {batch_size} must be divisible by the data-parallel size {world}")
-        idx, kind, drop = self.indices(step, batch_size)
+        bucket, local, kind, drop = self.indices(step, batch_size)
         part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-        idx, kind, drop = idx[part], kind[part], drop[part]
+        local, kind, drop = torch.from_numpy(local[part]), kind[part], drop[part]
+        idx = self.buckets[bucket][local].tolist()
         rows = [self.empty if d else self.rows[i * len(self.kinds) + k] for i, k, d in zip(idx, kind, drop)]
         length = -(-max(len(r) for r in rows) // 8) * 8  # per-batch padding in steps of 8: few distinct shapes
         context = torch.zeros(len(rows), length, *rows[0].shape[1:], dtype=torch.float32)
@@ -144,7 +152,6 @@ class StageData:
         for b, r in enumerate(rows):
             context[b, :len(r)] = r.float()
             txtmask[b, :len(r)] = True
-        idx = torch.from_numpy(idx)
-        images, latent = self.pixels(idx).to(device), self.latents[idx].to(device)
+        images, latent = self.pixels(bucket, local).to(device), self.latents[bucket][local].to(device)
         gh, gw = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
         return Batch(patchify(latent, self.patch), context.to(device), txtmask.to(device), images, gh, gw)

@@ -20,7 +20,14 @@ from tqdm import tqdm
 from krea2.errors import Krea2Error
 from krea2.models.dit import DiT, get_config
 from krea2.models.loading import load_dit
-from krea2.pipeline import Pipeline, image_grid, resolve_checkpoint, sampling_from_dict, write_checkpoint_dir
+from krea2.pipeline import (
+    Pipeline,
+    image_grid,
+    read_checkpoint_dir,
+    resolve_checkpoint,
+    sampling_from_dict,
+    write_checkpoint_dir,
+)
 from krea2.train import checkpoint as ckpt
 from krea2.train import parallel
 from krea2.train.config import Recipe, StageConfig
@@ -130,7 +137,7 @@ def sample_grid(ctx: Context, model: DiT, stage: StageConfig, seed: int = 0):
     prompts = ctx.recipe.sample_prompts or ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
     was_training = model.training
     model.eval()
-    pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, stage.data.size)
+    pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, stage.data.native)
     images = pipe.generate(prompts, seed=seed)
     model.train(was_training)
     return image_grid(images, cols=min(len(images), 8))
@@ -273,7 +280,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     # the stage's output: PMA merge of the last k snapshots, else EMA, else the raw weights
     sd = ckpt.full_state_dict(model)
     if main:
-        write_output(ctx, model_cfg_model(model), sdir / "last", sd, stage.data.size)
+        write_output(ctx, model_cfg_model(model), sdir / "last", sd, stage.data.native)
         if stage.pma_k:
             from safetensors.torch import load_file
 
@@ -281,7 +288,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
             sd = average_state_dicts([load_file(str(p)) for p in snaps])
         elif ema is not None:
             sd = ema.state_for(model_cfg_model(model))
-        write_output(ctx, model_cfg_model(model), final_dir, sd, stage.data.size)
+        write_output(ctx, model_cfg_model(model), final_dir, sd, stage.data.native)
         writer.close()
     barrier()
     out = load_dit(final_dir / "model.safetensors", model_cfg(model))
@@ -341,7 +348,7 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
         if (final / "model.safetensors").is_file() and (final / "config.json").is_file():
             if dist.is_main:
                 print(f"[{stage.name}] done earlier; using {final}")
-            model = load_dit(final / "model.safetensors").to(dist.device)
+            model = load_dit(final / "model.safetensors", read_checkpoint_dir(final).model).to(dist.device)
             continue
         model = train_stage(ctx, stage, model, resume)
     if dist.is_main:
@@ -366,14 +373,17 @@ def validate_recipe(recipe: Recipe) -> str:
              "with/without weight decay"]
     compression = 1 if recipe.autoencoder == "identity" else 8
     for s in recipe.stages:
-        side = s.data.size // (compression * cfg.patch)
-        if side * compression * cfg.patch != s.data.size:
-            raise Krea2Error(f"stage {s.name}: size {s.data.size} is not a multiple of {compression * cfg.patch}")
+        unit = compression * cfg.patch
+        bad = [r for r in s.data.resolutions if r % unit]
+        if bad:
+            raise Krea2Error(f"stage {s.name}: size(s) {bad} are not multiples of the token size {unit} px")
+        tokens = "/".join(str((r // unit) ** 2) for r in s.data.resolutions)
+        px = "/".join(str(r) for r in s.data.resolutions)
         lrs = [wsd_lr(k, s) for k in (0, s.warmup, s.steps - 1)]
         irepa = (f", iREPA on block {s.objective.irepa_layer} until step {s.objective.irepa_until or s.steps} "
                  f"(teacher {s.objective.irepa_teacher})") if s.objective.irepa else ""
         if s.objective.irepa and not 1 <= s.objective.irepa_layer <= cfg.layers:
             raise Krea2Error(f"stage {s.name}: irepa_layer {s.objective.irepa_layer} is outside 1..{cfg.layers}")
-        lines.append(f"  {s.name}: {s.steps} steps x {s.batch_size}, {s.data.size}px = {side * side} tokens, "
+        lines.append(f"  {s.name}: {s.steps} steps x {s.batch_size}, {px}px = {tokens} tokens, "
                      f"{s.precision}, lr {lrs[0]:.2e} -> {lrs[1]:.2e} -> {lrs[2]:.2e}, data {s.data.source}{irepa}")
     return "\n".join(lines)
