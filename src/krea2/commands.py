@@ -51,18 +51,32 @@ def generate(
 def export(
     checkpoint: Annotated[str, typer.Argument(help="world | raw | turbo | checkpoint folder | .safetensors")],
     out: Annotated[Path, typer.Argument(help="Output folder.")],
-    to: Annotated[str, typer.Option(help="Target format: diffusers.")] = "diffusers",
+    to: Annotated[str, typer.Option(help="diffusers (Krea2Transformer2DModel folder) or krea2 (checkpoint folder).")]
+    = "diffusers",
+    dtype: Annotated[str | None, typer.Option(help="Cast the weights: bf16 | fp16 | fp32 (default: as stored).")]
+    = None,
 ):
-    """Export a DiT to another library's format."""
+    """Export a DiT to diffusers, or re-save a krea2 checkpoint folder (e.g. in bf16 for shipping)."""
+    import torch
+
     from krea2.models.convert import export_diffusers
     from krea2.models.loading import load_dit
-    from krea2.pipeline import resolve_checkpoint
+    from krea2.pipeline import resolve_checkpoint, write_checkpoint_dir
 
-    if to != "diffusers":
-        raise Krea2Error(f"unknown export format {to!r}; supported: diffusers")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
+    if dtype not in dtypes:
+        raise Krea2Error(f"unknown --dtype {dtype!r}; use bf16, fp16 or fp32")
+    if to not in ("diffusers", "krea2"):
+        raise Krea2Error(f"unknown export format {to!r}; supported: diffusers, krea2")
     info = resolve_checkpoint(checkpoint)
-    export_diffusers(load_dit(info.model_path, info.model), out)
-    typer.echo(f"wrote a diffusers Krea2Transformer2DModel folder to {out}")
+    model = load_dit(info.model_path, info.model)
+    if to == "diffusers":
+        export_diffusers(model, out, dtype=dtypes[dtype])
+        typer.echo(f"wrote a diffusers Krea2Transformer2DModel folder to {out}")
+        return
+    write_checkpoint_dir(out, model, info.text_encoder, info.autoencoder, info.sampling, info.resolution,
+                         dtype=dtypes[dtype])
+    typer.echo(f"wrote a krea2 checkpoint folder to {out}")
 
 
 def register(app: typer.Typer) -> None:
