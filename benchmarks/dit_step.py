@@ -5,7 +5,8 @@ Config (core issue): features 512, heads 8, kv-heads 2, 4 layers, text dim 256 w
 machine's measured fp32 / bf16 matmul peak our step reaches (official FLOPs over our time). Ratios are
 diffusers/ours of the medians ("ratio") and of the fastest rounds ("min-ratio", steadier on a shared machine).
 
-    python benchmarks/dit_step.py [--rounds 12] [--threads N] [--precision fp32|bf16] [--passes fwd+bwd] [--compile]
+    python benchmarks/dit_step.py [--rounds 12] [--threads N [--clock cpu]] [--precision fp32|bf16] [--passes fwd+bwd]
+                                   [--compile]
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from krea2.models.dit import DiT
 from krea2.sampling import joint_inputs
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20, clock=time.perf_counter) -> float:
     """Measured GFLOP/s of a square matmul: the machine's practical peak for this dtype."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return 2 * n**3 / best / 1e9
 
 
@@ -63,7 +64,13 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
     ap.add_argument("--compile", action="store_true", help="add a row for ours with per-block torch.compile")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this thread's CPU time (needs --threads 1); unaffected by time spent descheduled when "
+                         "other jobs share the cores")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures one thread: pass --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,10 +103,10 @@ def main():
             out.float().square().mean().backward()
 
     flops = step_flops(ours, B, Lt, gh * gw)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds; measured matmul peak "
-          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; step {flops / 1e9:.2f} GFLOP fwd "
-          "(official work; ours skips some)")
+    peaks = {"fp32": matmul_peak(torch.float32, clock=clock), "bf16": matmul_peak(torch.bfloat16, clock=clock)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {args.rounds} rounds; "
+          f"measured matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+          f"step {flops / 1e9:.2f} GFLOP fwd (official work; ours skips some)")
     print(f"{'case':28s} {'ours ms':>8s} {'diffusers ms':>13s} {'ratio':>6s} {'min-ratio':>8s} {'ours %peak':>10s}")
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     passes = [False, True] if args.passes == "both" else [args.passes == "fwd+bwd"]
@@ -114,9 +121,9 @@ def main():
                     run(model, backward), run(model, backward)
                 for _ in range(args.rounds):  # alternate so drift on a noisy machine hits all equally
                     for k, model in models.items():
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         run(model, backward)
-                        times[k].append(time.perf_counter() - t0)
+                        times[k].append(clock() - t0)
             for model in models.values():
                 model.zero_grad(set_to_none=True)
             label = f"{precision} {'fwd+bwd' if backward else 'fwd'}"

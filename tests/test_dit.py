@@ -152,3 +152,86 @@ def test_patchify_layout():
     tok = patchify(lat, 2)
     # token 1 = grid (0, 1); feature c*4 + dy*2 + dx
     assert tok[0, 1, 1 * 4 + 1 * 2 + 0] == lat[0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradients_match_diffusers(precision):
+    # the hand-written backward of the fused norm+modulation and the pruned last block must give autograd's gradients
+    from krea2.models.convert import to_diffusers_state_dict
+
+    m = random_model().train()
+    tf = to_diffusers(m).train()
+    img, ctx, t, pos, mask, txtmask = random_inputs(m.cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        ours = m(img, ctx, t, pos, mask)
+        theirs = tf(img, ctx, t, pos[0], txtmask, return_dict=False)[0]
+        ours.float().square().mean().backward()
+        theirs.float().square().mean().backward()
+    assert ours.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    ga = to_diffusers_state_dict({k: p.grad for k, p in m.named_parameters()})
+    gb = {k: p.grad for k, p in tf.named_parameters()}
+    assert ga.keys() == gb.keys()
+    tol = 1e-5 if precision == "fp32" else 0.1  # bf16: two different rounding paths, relative to the largest entry
+    for k in gb:
+        assert gb[k].abs().max() > 0, k
+        assert (ga[k] - gb[k]).abs().max() <= tol * gb[k].abs().max(), k
+
+
+def test_return_hidden_is_the_image_tokens_after_block_k():
+    m = random_model()
+    img, ctx, t, pos, mask, _ = random_inputs(m.cfg)
+    N = img.shape[1]
+    seen = {}
+    hooks = [blk.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out[:, -N:]))
+             for i, blk in enumerate(m.blocks)]
+    with torch.no_grad():
+        ref = m(img, ctx, t, pos, mask)
+        for k in range(1, m.cfg.layers + 1):
+            out, hidden = m(img, ctx, t, pos, mask, return_hidden=k)
+            assert torch.equal(out, ref) and hidden.shape == (2, N, m.cfg.features)
+            assert torch.equal(hidden, seen[k - 1])
+    for h in hooks:
+        h.remove()
+
+
+def test_bf16_cpu_attention_matches_sdpa():
+    from krea2.models.dit import attention
+
+    q, k, v = torch.randn(2, 8, 20, 16), torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    mask[1, ..., 5:9] = False
+    for m in (None, mask):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)  # the grouped-matmul path
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert (out.float() - ref).abs().max() < 0.05
+
+
+def test_safetensors_header_length_may_look_like_pickle(tmp_path):
+    # the u64 header length is the first thing in the file; a low byte of 0x80 is a valid safetensors file
+    from krea2.models.loading import read_safetensors
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (0x80 - len(header))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + torch.tensor([1.0, 2.0]).numpy().tobytes())
+    assert torch.equal(read_safetensors(path)["w"], torch.tensor([1.0, 2.0]))
+
+
+def test_text_padding_is_dropped_and_outputs_match_diffusers():
+    # released layout: prompt tokens, padding, then the 5 suffix tokens; the short caption's padding sits mid-text
+    m = random_model()
+    img, ctx, t, _, _, _ = random_inputs(m.cfg, Lt=12)
+    txtmask = torch.ones(2, 12, dtype=torch.bool)
+    txtmask[0, 3:10] = False  # 5 valid
+    txtmask[1, 8:9] = False  # 11 valid
+    pos, mask = joint_inputs(txtmask, 4, 6)
+    lengths = []
+    hook = m.blocks[0].register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    tf = to_diffusers(m)
+    with torch.no_grad():
+        ours = m(img, ctx, t, pos, mask)
+        theirs = tf(img, ctx, t, pos[0], txtmask, return_dict=False)[0]
+    hook.remove()
+    assert lengths == [11 + 24]  # the longest caption's valid tokens + image tokens
+    assert (ours - theirs).abs().max() < 1e-5
