@@ -44,7 +44,7 @@ def generate(
     for i, im in enumerate(images):
         im.save(out / f"{i:04d}.png")
     if len(images) > 1:
-        image_grid(images, cols=num_images if len(prompts) > 1 else None).save(out / "grid.png")
+        image_grid(images, cols=num_images if num_images > 1 else None).save(out / "grid.png")
     typer.echo(f"wrote {len(images)} image(s) to {out}")
 
 
