@@ -151,3 +151,25 @@ def test_raw_without_env_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.delenv("KREA2_RAW", raising=False)
     code, err = run_main(monkeypatch, capsys, "generate", "x", "--checkpoint", "raw")
     assert code == 2 and err.startswith("error: --checkpoint raw needs the released file: set KREA2_RAW")
+
+
+def test_export_krea2_folder_in_bf16(ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    invoke("export", ckpt, tmp_path / "bf16", "--to", "krea2", "--dtype", "bf16")
+    src, out = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "bf16" / "model.safetensors")
+    assert set(src) == set(out) and all(v.dtype == torch.bfloat16 for v in out.values())
+    assert all(torch.equal(src[k].to(torch.bfloat16), out[k]) for k in src)
+    from krea2.pipeline import read_checkpoint_dir
+
+    a, b = read_checkpoint_dir(ckpt), read_checkpoint_dir(tmp_path / "bf16")
+    assert (a.model, a.text_encoder, a.autoencoder, a.sampling, a.resolution) == \
+        (b.model, b.text_encoder, b.autoencoder, b.sampling, b.resolution)
+
+
+def test_shipped_world_checkpoint_loads():
+    from krea2.pipeline import resolve_checkpoint
+
+    info = resolve_checkpoint("world")
+    assert info.model.patch == 4 and info.text_encoder.startswith("minilm") and info.autoencoder == "identity"
+    assert info.model_path.stat().st_size < 20 * 2**20  # bf16, <= 20 MB as shipped

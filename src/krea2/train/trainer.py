@@ -180,7 +180,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         if main:
             print(f"[{stage.name}] resuming at step {start}")
 
-    data = StageData(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, model_cfg(model).patch,
+    data = StageData(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, unwrap(model).cfg.patch,
                      cache_dir=ctx.out / "cache", progress=ctx.progress and main)
     dp_rank, dp_size = parallel.dp_rank_and_size(ctx.mesh)
     writer = None
@@ -233,7 +233,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         opt.zero_grad(set_to_none=True)
         dt_step = time.perf_counter() - t_step
         tokens = batch.x0.shape[0] * (batch.x0.shape[1] + batch.context.shape[1]) * dp_size
-        flops = dit_train_flops(model_cfg(model), batch.x0.shape[1], batch.context.shape[1]) * stage.batch_size
+        flops = dit_train_flops(unwrap(model).cfg, batch.x0.shape[1], batch.context.shape[1]) * stage.batch_size
         monitor.log_step(step + 1, loss=loss_value, grad_norm=float(grad_norm), step_time_s=dt_step,
                          tokens_per_s=tokens / dt_step,
                          mfu=None if peak is None else flops / dt_step / (peak * ctx.dist.world_size))
@@ -280,18 +280,18 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     # the stage's output: PMA merge of the last k snapshots, else EMA, else the raw weights
     sd = ckpt.full_state_dict(model)
     if main:
-        write_output(ctx, model_cfg_model(model), sdir / "last", sd, stage.data.native)
+        write_output(ctx, unwrap(model), sdir / "last", sd, stage.data.native)
         if stage.pma_k:
             from safetensors.torch import load_file
 
             snaps = sorted(pma_dir.glob("step_*.safetensors"))[-stage.pma_k:]
             sd = average_state_dicts([load_file(str(p)) for p in snaps])
         elif ema is not None:
-            sd = ema.state_for(model_cfg_model(model))
-        write_output(ctx, model_cfg_model(model), final_dir, sd, stage.data.native)
+            sd = ema.state_for(unwrap(model))
+        write_output(ctx, unwrap(model), final_dir, sd, stage.data.native)
         writer.close()
     barrier()
-    out = load_dit(final_dir / "model.safetensors", model_cfg(model))
+    out = load_dit(final_dir / "model.safetensors", unwrap(model).cfg)
     return out
 
 
@@ -308,13 +308,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def model_cfg_model(model: nn.Module) -> DiT:
+def unwrap(model: nn.Module) -> DiT:
     """The DiT under parallel wrappers (compile/AC keep the class; FSDP/TP keep the module tree)."""
     return getattr(model, "_orig_mod", model)
-
-
-def model_cfg(model: nn.Module):
-    return model_cfg_model(model).cfg
 
 
 def initial_model(ctx: Context) -> DiT:
