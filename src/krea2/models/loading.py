@@ -47,6 +47,12 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
         raise Krea2Error(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
 
 
+def read_shapes(path: str | Path) -> dict[str, torch.Tensor]:
+    """Meta tensors with the file's names and shapes, read from the header alone (for 12B files too)."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return strip_prefix({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+
+
 def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Accept ComfyUI-style files whose keys sit under `model.diffusion_model.`."""
     if any(k.startswith(DIFFUSERS_PREFIX) for k in sd):

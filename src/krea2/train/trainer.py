@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from krea2.errors import Krea2Error
 from krea2.models.dit import DiT, get_config
-from krea2.models.loading import load_dit
+from krea2.models.loading import infer_config, load_dit, read_shapes
 from krea2.pipeline import (
     Pipeline,
     image_grid,
@@ -360,7 +360,11 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
 def validate_recipe(recipe: Recipe) -> str:
     """Build every stage on the meta device (model, optimiser groups, schedule, data shapes) without running it."""
     spec = {k: v for k, v in recipe.model.items() if k != "init"}
-    cfg = get_config(spec["preset"]) if "preset" in spec else get_config(spec)
+    if "init" in recipe.model:
+        info = resolve_checkpoint(recipe.model["init"])
+        cfg = info.model or infer_config(read_shapes(info.model_path))  # released files: read off the shapes
+    else:
+        cfg = get_config(spec["preset"]) if "preset" in spec else get_config(spec)
     with torch.device("meta"):
         model = DiT(cfg)
     groups = param_groups([model], 0.1)
