@@ -13,6 +13,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from dit_step import matmul_peak  # benchmarks/ is on sys.path when run as a script
 
 from krea2.models.autoencoders import load_autoencoder
 from krea2.models.dit import DiT, get_config
@@ -25,19 +26,6 @@ from krea2.train.objectives.flow import FlowMatching
 from krea2.train.trainer import init_weights, param_groups
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
@@ -48,7 +36,7 @@ def main():
     te, ae = load_text_encoder(recipe.text_encoder), load_autoencoder(recipe.autoencoder)
     spec = {k: v for k, v in recipe.model.items() if k != "init"}
     cfg = get_config(spec["preset"]) if "preset" in spec else get_config(spec)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak(torch.float32) * 1e9, "bf16": matmul_peak(torch.bfloat16) * 1e9}
     print(f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'stage':14s} {'px':>4s} {'batch':>5s} {'tokens':>11s} {'samples/s':>10s} {'GFLOP/sample':>13s} "
