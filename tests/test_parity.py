@@ -60,3 +60,17 @@ def test_sampled_tokens(d):
     uncond = Conditioning(i["uncond_context"], i["uncond_pos"], i["uncond_mask"].bool())
     x = euler_sample(model, i["img_tokens"], ts, cond, uncond, s["guidance"])
     assert (x - o["sampled_tokens"]).abs().max().item() <= 1e-5
+
+
+def test_released_sampling_presets_and_mu_table():
+    from krea2.sampling import resolution_mu, sampling_preset
+
+    raw, turbo = sampling_preset("raw"), sampling_preset("turbo")
+    assert (raw.steps, raw.guidance, raw.mu) == (52, 3.5, None)
+    assert (turbo.steps, turbo.guidance, turbo.mu) == (8, 0.0, 1.15)
+    assert sampling_preset("raw", steps=28).steps == 28
+    # SYSTEM.md 3.4: 256² -> 0.500, 512² -> 0.581, 1024² -> 0.906, 1280² -> 1.150
+    for tokens, mu in ((256, 0.500), (1024, 0.581), (4096, 0.906), (6400, 1.150)):
+        assert abs(resolution_mu(tokens, raw) - mu) < 1e-3
+    ts = schedule(4096, turbo)
+    assert len(ts) == 9 and ts[0] == 1 and ts[-1] == 0
