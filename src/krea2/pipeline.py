@@ -7,6 +7,7 @@ Released files are named `raw` / `turbo` (paths from KREA2_RAW / KREA2_TURBO) or
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -85,8 +86,6 @@ def released_info(path: Path, preset: str) -> CheckpointInfo:
 
 
 def read_checkpoint_dir(path: Path) -> CheckpointInfo:
-    import json
-
     cfg_path, model_path = path / "config.json", path / "model.safetensors"
     if not cfg_path.is_file() or not model_path.is_file():
         raise Krea2Error(f"{path} is not a krea2 checkpoint folder (needs config.json and model.safetensors)")

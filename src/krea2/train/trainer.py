@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -259,8 +260,6 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
                 grid = sample_grid(ctx, model, stage)
                 (sdir / "samples").mkdir(exist_ok=True)
                 grid.save(sdir / "samples" / f"step_{done:07d}.png")
-                import numpy as np
-
                 writer.add_image("samples", np.asarray(grid), done, dataformats="HWC")
         if stage.pma_k and done % stage.pma_every == 0 and done > stage.steps - stage.pma_k * stage.pma_every:
             sd = ckpt.full_state_dict(model)
