@@ -43,6 +43,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     init_distributed(timeout_s=60)
     try:
         fn(rank, world, *args)
+        # Tear down together: a rank that destroys its gloo group while its peer still has collectives in flight
+        # can abort ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         destroy_distributed()
 
