@@ -7,7 +7,7 @@ bin=$(dirname "$0")/../.venv/bin
 for arm in irepa baseline; do
   flag=true; [ "$arm" = baseline ] && flag=false
   "$bin/krea2" train recipes/irepa-ablation.toml --out "$out/$arm" --set stages.0.objective.irepa=$flag --no-progress
-  "$bin/krea2" eval world --checkpoint "$out/$arm/final" --prompts world_eval_small --images-per-prompt 2 \
+  "$bin/krea2" eval world --checkpoint "$out/$arm/final" --prompts world_eval --images-per-prompt 1 \
     --out "$out/$arm/report.json" | tail -n 12
 done
 "$bin/python" - "$out" <<'PY'
