@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.krea2-installed
 
-.PHONY: setup demo test bench train-demo lint
+.PHONY: setup demo test bench train-demo world-base lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,14 @@ demo: setup
 train-demo: setup
 	$(VENV)/bin/krea2 train recipes/world-demo.toml --out runs/demo
 	$(VENV)/bin/krea2 eval world --checkpoint runs/demo/final --prompts world_eval_small --out runs/demo/report.json
+
+# the shipped world base model from scratch (~2.5 hours on 2 cores), then its evaluation; ship it with
+#   .venv/bin/krea2 export runs/world-binding/final src/krea2/assets/world --to krea2 --dtype bf16
+world-base: setup
+	$(VENV)/bin/krea2 train recipes/world.toml --out runs/world
+	$(VENV)/bin/krea2 train recipes/world-extend.toml --out runs/world-extend --set model.init=runs/world/final
+	$(VENV)/bin/krea2 train recipes/world-binding.toml --out runs/world-binding --set model.init=runs/world-extend/final
+	$(VENV)/bin/krea2 eval world --checkpoint runs/world-binding/final --prompts world_eval --out runs/world-binding/report.json
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
