@@ -16,14 +16,14 @@ import torch
 from dit_step import matmul_peak  # benchmarks/ is on sys.path when run as a script
 
 from krea2.models.autoencoders import load_autoencoder
-from krea2.models.dit import DiT, get_config
+from krea2.models.dit import DiT
 from krea2.models.text_encoders import load_text_encoder
 from krea2.pipeline import sampling_from_dict
 from krea2.train.config import load_recipe
 from krea2.train.data import StageData
 from krea2.train.health import dit_train_flops
 from krea2.train.objectives.flow import FlowMatching
-from krea2.train.trainer import init_weights, param_groups
+from krea2.train.trainer import init_weights, param_groups, recipe_model_config
 
 
 def main():
@@ -34,8 +34,7 @@ def main():
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     te, ae = load_text_encoder(recipe.text_encoder), load_autoencoder(recipe.autoencoder)
-    spec = {k: v for k, v in recipe.model.items() if k != "init"}
-    cfg = get_config(spec["preset"]) if "preset" in spec else get_config(spec)
+    cfg = recipe_model_config(recipe)
     peaks = {"fp32": matmul_peak(torch.float32) * 1e9, "bf16": matmul_peak(torch.bfloat16) * 1e9}
     print(f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -54,8 +55,6 @@ def launch(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` spawned gloo processes; raises if any fails or it runs too long."""
     ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False,
                              start_method="spawn")
-    import time
-
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:

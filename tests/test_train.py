@@ -17,7 +17,7 @@ from krea2.models.dit import DiT
 from krea2.train.config import load_recipe, parse_recipe
 from krea2.train.objectives.flow import flow_matching_loss, shifted_timesteps
 from krea2.train.objectives.irepa import IREPA, spatial_normalize
-from krea2.train.trainer import average_state_dicts, train_recipe, validate_recipe, wsd_lr
+from krea2.train.trainer import EMA, average_state_dicts, train_recipe, validate_recipe, wsd_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,20 @@ def test_wsd_schedule():
 def test_pma_average():
     a, b = {"w": torch.ones(3)}, {"w": torch.zeros(3)}
     assert torch.equal(average_state_dicts([a, b])["w"], torch.full((3,), 0.5))
+
+
+def test_ema_tracks_parameters_and_keeps_buffers():
+    model = DiT("tiny")
+    ema = EMA(model, decay=0.9)
+    before = model.blocks[0].attn.wq.weight.detach().clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    sd = ema.state_for(model)
+    assert sd.keys() == model.state_dict().keys()  # a full state dict in the released names, buffers included
+    torch.testing.assert_close(sd["blocks.0.attn.wq.weight"], before + 0.1)  # 0.9 * old + 0.1 * (old + 1)
+    assert set(ema.state_dict()) == {f"w{i}" for i in range(len(list(model.parameters())))}  # rides in checkpoints
 
 
 def test_shifted_timesteps_follow_the_shift():

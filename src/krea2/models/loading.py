@@ -19,6 +19,9 @@ from krea2.errors import Krea2Error
 from krea2.models.dit import DiT, DiTConfig, swiglu_hidden
 
 DIFFUSERS_PREFIX = "model.diffusion_model."
+# read once, single-threaded: os.umask can only be read by setting it, which would race async checkpoint threads
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -118,9 +121,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -312,15 +312,23 @@ def unwrap(model: nn.Module) -> DiT:
     return getattr(model, "_orig_mod", model)
 
 
+def recipe_model_config(recipe: Recipe):
+    """The DiT config a recipe trains: its `init` checkpoint's (released files: read off the shapes), else its
+    preset or explicit fields."""
+    spec = dict(recipe.model)
+    if "init" in spec:
+        info = resolve_checkpoint(spec["init"])
+        return info.model or infer_config(read_shapes(info.model_path))
+    return get_config(spec["preset"]) if "preset" in spec else get_config(spec)
+
+
 def initial_model(ctx: Context) -> DiT:
-    spec = dict(ctx.recipe.model)
-    init = spec.pop("init", None)
+    init = ctx.recipe.model.get("init")
     if init:
         info = resolve_checkpoint(init)
         return load_dit(info.model_path, info.model)
-    cfg = get_config(spec.pop("preset")) if "preset" in spec else get_config(spec)
     torch.manual_seed(ctx.recipe.stages[0].seed)
-    return init_weights(DiT(cfg))
+    return init_weights(DiT(recipe_model_config(ctx.recipe)))
 
 
 def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
@@ -358,12 +366,7 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
 
 def validate_recipe(recipe: Recipe) -> str:
     """Build every stage on the meta device (model, optimiser groups, schedule, data shapes) without running it."""
-    spec = {k: v for k, v in recipe.model.items() if k != "init"}
-    if "init" in recipe.model:
-        info = resolve_checkpoint(recipe.model["init"])
-        cfg = info.model or infer_config(read_shapes(info.model_path))  # released files: read off the shapes
-    else:
-        cfg = get_config(spec["preset"]) if "preset" in spec else get_config(spec)
+    cfg = recipe_model_config(recipe)
     with torch.device("meta"):
         model = DiT(cfg)
     groups = param_groups([model], 0.1)
