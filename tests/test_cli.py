@@ -17,9 +17,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from krea2 import cli
+from krea2.errors import Krea2Error
+from krea2.models.checkpoint import resolve_checkpoint, save_random_checkpoint
 from krea2.models.dit import PRESETS, DiT, DiTConfig
 from krea2.models.loading import load_dit, save_dit
-from krea2.pipeline import resolve_checkpoint, save_random_checkpoint
 from krea2.sampling import joint_inputs
 
 cli._mount()
@@ -160,16 +161,19 @@ def test_export_krea2_folder_in_bf16(ckpt, tmp_path):
     src, out = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "bf16" / "model.safetensors")
     assert set(src) == set(out) and all(v.dtype == torch.bfloat16 for v in out.values())
     assert all(torch.equal(src[k].to(torch.bfloat16), out[k]) for k in src)
-    from krea2.pipeline import read_checkpoint_dir
+    from krea2.models.checkpoint import read_checkpoint_dir
 
     a, b = read_checkpoint_dir(ckpt), read_checkpoint_dir(tmp_path / "bf16")
     assert (a.model, a.text_encoder, a.autoencoder, a.sampling, a.resolution) == \
         (b.model, b.text_encoder, b.autoencoder, b.sampling, b.resolution)
+    # an existing folder is only replaced when asked
+    res = CliRunner().invoke(cli.app, ["export", str(ckpt), str(tmp_path / "bf16"), "--to", "krea2"])
+    assert isinstance(res.exception, Krea2Error) and "already exists" in str(res.exception)
+    invoke("export", ckpt, tmp_path / "bf16", "--to", "krea2", "--overwrite")
+    assert load_file(tmp_path / "bf16" / "model.safetensors")["first.weight"].dtype == torch.float32
 
 
 def test_shipped_world_checkpoint_loads():
-    from krea2.pipeline import resolve_checkpoint
-
     info = resolve_checkpoint("world")
     assert info.model.patch == 4 and info.text_encoder.startswith("minilm") and info.autoencoder == "identity"
     assert info.model_path.stat().st_size < 20 * 2**20  # bf16, <= 20 MB as shipped

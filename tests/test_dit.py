@@ -235,3 +235,28 @@ def test_text_padding_is_dropped_and_outputs_match_diffusers():
     hook.remove()
     assert lengths == [11 + 24]  # the longest caption's valid tokens + image tokens
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_reference_segment_leaves_the_release_path_unchanged():
+    """[text; reference; image]: no reference is the release; a fully masked one changes nothing; one that is
+    attended to changes the image tokens and gets gradients."""
+    from krea2.sampling import Conditioning, guided_velocity
+
+    torch.manual_seed(0)
+    m = DiT("tiny")
+    for p in m.parameters():  # zero-initialised gains would hide any effect of the extra tokens
+        torch.nn.init.normal_(p, std=0.1)
+    B, gh, gw, Lt, Nr = 2, 2, 3, 4, 5
+    img = torch.randn(B, gh * gw, m.cfg.token_dim)
+    ctx = torch.randn(B, Lt, m.cfg.txtlayers, m.cfg.txtdim)
+    txtmask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    t = torch.rand(B)
+    base = guided_velocity(m, img, t, Conditioning.build(ctx, txtmask, gh, gw), None, 0.0)
+    ref = torch.randn(B, Nr, m.cfg.features, requires_grad=True)
+    masked = Conditioning.build(ctx, txtmask, gh, gw, reference=ref, refmask=torch.zeros(B, Nr, dtype=torch.bool))
+    assert masked.pos.shape == (B, Lt + Nr + gh * gw, 3) and (masked.pos[:, Lt:Lt + Nr, 0] == 1).all()
+    torch.testing.assert_close(guided_velocity(m, img, t, masked, None, 0.0), base, atol=1e-6, rtol=0)
+    seen = guided_velocity(m, img, t, Conditioning.build(ctx, txtmask, gh, gw, reference=ref), None, 0.0)
+    assert (seen - base).abs().max() > 1e-3
+    seen.square().sum().backward()
+    assert ref.grad is not None and ref.grad.abs().sum() > 0

@@ -2,12 +2,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from krea2.data import world
 from krea2.errors import Krea2Error
 from krea2.eval import checker, world_eval
+
+
+def as_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> (B, 3, H, W) in [-1, 1], as Pipeline.generate returns them (to_pil inverts it)."""
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 class PerfectWorldPipe:
@@ -18,8 +24,11 @@ class PerfectWorldPipe:
     def __init__(self, scenes_by_prompt):
         self.scenes = scenes_by_prompt
 
-    def generate(self, prompts, seed, steps=None, guidance=None, width=None, height=None):
-        return [Image.fromarray(world.render(self.scenes[p], width, seed + i)) for i, p in enumerate(prompts)]
+    def sampling_config(self, **overrides):
+        return overrides
+
+    def generate(self, prompts, sampling=None, seed=0, width=None, height=None):
+        return as_tensor([world.render(self.scenes[p], width, seed + i) for i, p in enumerate(prompts)])
 
 
 def _prompt_scenes(n_per_tag=3, seed=0):
@@ -61,8 +70,8 @@ def test_blank_model_scores_zero_and_bad_size_fails_early():
     records, _ = _prompt_scenes(1)
 
     class Blank(PerfectWorldPipe):
-        def generate(self, prompts, seed, steps=None, guidance=None, width=None, height=None):
-            return [Image.new("RGB", (width, width), (128, 128, 128)) for _ in prompts]
+        def generate(self, prompts, sampling=None, seed=0, width=None, height=None):
+            return torch.zeros(len(prompts), 3, width, width)
 
     report, _ = world_eval.evaluate_pipeline(Blank({}), records, with_fid=False)
     assert report["overall"] == 0.0
@@ -73,7 +82,7 @@ def test_blank_model_scores_zero_and_bad_size_fails_early():
 @pytest.mark.slow
 def test_cli_world_end_to_end_on_a_tiny_random_checkpoint(tmp_path):
     from krea2.eval.cli import app
-    from krea2.pipeline import save_random_checkpoint
+    from krea2.models.checkpoint import save_random_checkpoint
 
     ckpt = save_random_checkpoint(tmp_path / "ckpt", preset="tiny-world")
     prompts = tmp_path / "p.jsonl"

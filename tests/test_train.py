@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from krea2.errors import Krea2Error
+from krea2.models.checkpoint import merge_state_dicts
 from krea2.models.dit import DiT
 from krea2.train.config import load_recipe, parse_recipe
+from krea2.train.models import EMA
 from krea2.train.objectives.flow import flow_matching_loss, shifted_timesteps
 from krea2.train.objectives.irepa import IREPA, spatial_normalize
-from krea2.train.trainer import EMA, average_state_dicts, train_recipe, validate_recipe, wsd_lr
+from krea2.train.trainer import train_recipe, validate_recipe, wsd_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,21 +148,23 @@ def test_wsd_schedule():
 
 def test_pma_average():
     a, b = {"w": torch.ones(3)}, {"w": torch.zeros(3)}
-    assert torch.equal(average_state_dicts([a, b])["w"], torch.full((3,), 0.5))
+    assert torch.equal(merge_state_dicts([a, b])["w"], torch.full((3,), 0.5))
 
 
-def test_ema_tracks_parameters_and_keeps_buffers():
+def test_ema_tracks_trainable_parameters_only():
     model = DiT("tiny")
+    model.txtfusion.requires_grad_(False)  # e.g. frozen text fusion: no shadow for it
     ema = EMA(model, decay=0.9)
     before = model.blocks[0].attn.wq.weight.detach().clone()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model)
-    sd = ema.state_for(model)
-    assert sd.keys() == model.state_dict().keys()  # a full state dict in the released names, buffers included
+    sd = ema.shadows()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(sd) == trainable and not any(n.startswith("txtfusion.") for n in sd)
     torch.testing.assert_close(sd["blocks.0.attn.wq.weight"], before + 0.1)  # 0.9 * old + 0.1 * (old + 1)
-    assert set(ema.state_dict()) == {f"w{i}" for i in range(len(list(model.parameters())))}  # rides in checkpoints
+    assert set(ema.state_dict()) == {f"w{i}" for i in range(len(trainable))}  # rides in checkpoints
 
 
 def test_shifted_timesteps_follow_the_shift():
@@ -262,11 +266,10 @@ class FakeEncoder:
 
 def test_size_buckets_and_deterministic_batches():
     from krea2.models.autoencoders import load_autoencoder
-    from krea2.train.config import DataConfig
-    from krea2.train.data import StageData
+    from krea2.train.data import DataConfig, ImagePool
 
     cfg = DataConfig(source="world", size=[16, 32], pool=24, n_objects=(1, 2), caption_dropout=0.5)
-    data = StageData(cfg, 3, FakeEncoder(), load_autoencoder("identity"), patch=4, progress=False)
+    data = ImagePool(cfg, 3, FakeEncoder(), load_autoencoder("identity"), patch=4, progress=False)
     shapes = set()
     for step in range(12):
         b = data.batch(step, 6)

@@ -29,7 +29,7 @@ def generate(
     """Generate images from text."""
     import torch
 
-    from krea2.pipeline import image_grid, load_pipeline
+    from krea2.pipeline import image_grid, load_pipeline, to_pil
 
     if not prompts:
         raise Krea2Error('no prompts given; pass at least one, e.g. krea2 generate "a red fox in snow"')
@@ -37,15 +37,35 @@ def generate(
         raise Krea2Error("--num-images must be at least 1")
     pipe = load_pipeline(checkpoint, dtype=torch.bfloat16 if bf16 else None, text_encoder=text_encoder,
                          autoencoder=vae)
+    note_snapped_size(pipe, width, height)
     expanded = [p for p in prompts for _ in range(num_images)]
-    images = pipe.generate(expanded, seed=seed, steps=steps, guidance=cfg, mu=mu, width=width, height=height,
-                           progress=True)
+    images = to_pil(pipe.generate(expanded, pipe.sampling_config(steps=steps, guidance=cfg, mu=mu), seed=seed,
+                                  width=width, height=height, progress=True))
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         im.save(out / f"{i:04d}.png")
     if len(images) > 1:
         image_grid(images, cols=num_images if num_images > 1 else None).save(out / "grid.png")
     typer.echo(f"wrote {len(images)} image(s) to {out}")
+
+
+def note_snapped_size(pipe, width: int | None, height: int | None) -> None:
+    """Tell the user (stderr) when a side is rounded up to the token size, as the release does."""
+    snapped = pipe.snap_size(width, height)
+    for name, v, r in (("width", width, snapped[0]), ("height", height, snapped[1])):
+        v = v or pipe.resolution
+        if r != v:
+            typer.echo(f"note: {name} {v} is not a multiple of {pipe.pixels_per_token}; using {r}", err=True)
+
+
+def parse_dtype(name: str | None):
+    """bf16 | fp16 | fp32 -> torch dtype; None stays None (keep the stored dtype)."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name is not None and name not in dtypes:
+        raise Krea2Error(f"unknown --dtype {name!r}; use bf16, fp16 or fp32")
+    return None if name is None else dtypes[name]
 
 
 def export(
@@ -55,33 +75,66 @@ def export(
     = "diffusers",
     dtype: Annotated[str | None, typer.Option(help="Cast the weights: bf16 | fp16 | fp32 (default: as stored).")]
     = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing krea2 output folder.")] = False,
 ):
     """Export a DiT to diffusers, or re-save a krea2 checkpoint folder (e.g. in bf16 for shipping)."""
-    import torch
-
+    from krea2.models.checkpoint import resolve_checkpoint, write_checkpoint_dir
     from krea2.models.convert import export_diffusers
     from krea2.models.loading import load_dit
-    from krea2.pipeline import resolve_checkpoint, write_checkpoint_dir
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
-    if dtype not in dtypes:
-        raise Krea2Error(f"unknown --dtype {dtype!r}; use bf16, fp16 or fp32")
+    torch_dtype = parse_dtype(dtype)
     if to not in ("diffusers", "krea2"):
         raise Krea2Error(f"unknown export format {to!r}; supported: diffusers, krea2")
     info = resolve_checkpoint(checkpoint)
     model = load_dit(info.model_path, info.model)
     if to == "diffusers":
-        export_diffusers(model, out, dtype=dtypes[dtype])
+        export_diffusers(model, out, dtype=torch_dtype)
         typer.echo(f"wrote a diffusers Krea2Transformer2DModel folder to {out}")
         return
     write_checkpoint_dir(out, model, info.text_encoder, info.autoencoder, info.sampling, info.resolution,
-                         dtype=dtypes[dtype])
+                         dtype=torch_dtype, overwrite=overwrite)
     typer.echo(f"wrote a krea2 checkpoint folder to {out}")
+
+
+def merge(
+    # optional for click so that missing inputs are our one-line error (exit 2), not a usage dump
+    checkpoints: Annotated[list[str] | None, typer.Argument(
+        help="Checkpoints to merge: folders, world, raw, turbo or .safetensors.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="Output checkpoint folder (required).", show_default=False)]
+    = None,
+    weights: Annotated[str | None, typer.Option(
+        help="One per checkpoint, comma-separated, e.g. 0.7,0.3. average: normalised to sum 1 (default uniform); "
+             "task_arithmetic/ties: used as given (default 1 each).", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="average | task_arithmetic | ties")] = "average",
+    base: Annotated[str | None, typer.Option(
+        help="The checkpoint the inputs were fine-tuned from (task_arithmetic, ties).", show_default=False)] = None,
+    density: Annotated[float, typer.Option(help="ties: fraction of each task vector kept, by magnitude.")] = 0.2,
+    dtype: Annotated[str | None, typer.Option(help="bf16 | fp16 | fp32 (default: as the first input stores it).",
+                                              show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+):
+    """Merge checkpoints into one folder (weight averaging, task arithmetic, or TIES)."""
+    from krea2.models.checkpoint import merge_checkpoints
+
+    if not checkpoints:
+        raise Krea2Error("no checkpoints given; e.g. krea2 merge runs/a/final runs/b/final --out merged")
+    if out is None:
+        raise Krea2Error("--out is required: the folder to write the merged checkpoint to")
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise Krea2Error(f"--weights must be comma-separated numbers, e.g. 0.5,0.5; got {weights!r}") from None
+    path = merge_checkpoints(checkpoints, out, weights=parsed, method=method, base=base, density=density,
+                             dtype=parse_dtype(dtype), overwrite=overwrite)
+    typer.echo(f"wrote a krea2 checkpoint folder to {path} ({method} of {len(checkpoints)} checkpoints)")
 
 
 def register(app: typer.Typer) -> None:
     app.command()(generate)
     app.command()(export)
+    app.command()(merge)
     from krea2.data.curation.cli import app as curate_app
     from krea2.eval.cli import app as eval_app
 

@@ -29,12 +29,16 @@ def world(
     fid: Annotated[bool, typer.Option(help="Also report FID against world renders.")] = True,
 ):
     """Sample the world prompts, score them with the exact checker; prints per-tag accuracy, overall last."""
+    from krea2.commands import note_snapped_size
     from krea2.eval.checker import load_prompts
-    from krea2.eval.world_eval import evaluate_pipeline, format_summary, prompts_path, write_report
+    from krea2.eval.world_eval import check_size, evaluate_pipeline, format_summary, prompts_path, write_report
     from krea2.pipeline import load_pipeline
 
     records = load_prompts(prompts_path(prompts))
     pipe = load_pipeline(checkpoint, device="cpu")
+    side = size or pipe.resolution
+    check_size(side)  # before the size note, as before: a side the checker cannot read fails first
+    note_snapped_size(pipe, side, side)
     report, images = evaluate_pipeline(pipe, records, images_per_prompt, seed, steps, guidance, size, with_fid=fid)
     report["checkpoint"], report["prompts"] = checkpoint, str(prompts_path(prompts))
     report_path, grid_path = write_report(report, images, out, cols=max(images_per_prompt, 9))

@@ -83,15 +83,21 @@ def fid_to_world(images: Sequence, n_reference: int | None = None) -> float | No
 def evaluate_pipeline(pipe, records: Sequence[dict], images_per_prompt: int = 1, seed: int = 0,
                       steps: int | None = None, guidance: float | None = None, size: int | None = None,
                       with_fid: bool = True) -> tuple[dict, list]:
-    """Generate images_per_prompt images per record (image i of the run uses seed + i), check and report."""
+    """Generate images_per_prompt images per record (image i of the run uses seed + i), check and report.
+
+    pipe is a krea2.pipeline.Pipeline (or anything with its sampling_config/generate/resolution); steps/guidance
+    of None keep the checkpoint's. Returns (report, PIL images). Raises Krea2Error for a bad size or count.
+    """
+    from krea2.pipeline import to_pil
+
     if images_per_prompt < 1:
         raise Krea2Error("--images-per-prompt must be at least 1")
     size = size or pipe.resolution
     check_size(size)
     expanded = [r for r in records for _ in range(images_per_prompt)]
     t0 = time.perf_counter()
-    images = pipe.generate([r["prompt"] for r in expanded], seed=seed, steps=steps, guidance=guidance,
-                           width=size, height=size)
+    sampling = pipe.sampling_config(steps=steps, guidance=guidance)
+    images = to_pil(pipe.generate([r["prompt"] for r in expanded], sampling, seed=seed, width=size, height=size))
     t1 = time.perf_counter()
     summary, rows = evaluate_images(expanded, images)
     t2 = time.perf_counter()

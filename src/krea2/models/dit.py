@@ -443,22 +443,28 @@ class DiT(nn.Module):
         return self.txtmlp(self.txtfusion(context, txtmask))
 
     def forward(self, img: Tensor, context: Tensor, t: Tensor, pos: Tensor, mask: Tensor | None = None,
-                return_hidden: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                return_hidden: int | None = None, reference: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """img (B,N,C·p·p); context (B,Lt,txtlayers,txtdim); t (B,); pos (B,Lt+N,3); mask (B,Lt+N) bool.
 
+        The joint sequence has named segments in order [text; reference; image]. `reference` (B,Nr,features):
+        tokens already in the model's width (a style adapter's output), placed between text and image; pos and mask
+        then cover Lt+Nr+N (see `krea2.sampling.joint_inputs`). None (the release) leaves the sequence unchanged.
         With return_hidden=k, also returns the image tokens after block k (1-based), for representation alignment.
         """
         context, pos, mask = compact_text(context, pos, mask)
         Lt, N = context.shape[1], img.shape[1]
         tt, tv = self.condition(t, self.first.weight.dtype)
         c = self.embed_text(context, None if mask is None else mask[:, :Lt])
-        h = torch.cat([c.to(img.dtype), self.first(img).to(img.dtype)], dim=1)
+        segments = [c.to(img.dtype), self.first(img).to(img.dtype)]
+        if reference is not None:
+            segments.insert(1, reference.to(img.dtype))
+        h = torch.cat(segments, dim=1)
         rot, kmask = self.rope(pos), key_mask(mask)
-        # text outputs of the last block are never read: it runs queries and MLP for image tokens only. Not when the
-        # block is compiled (nn.Module.compile): its query start then differs from the other blocks' 0, becomes a
-        # dynamic int and trips inductor's shape algebra (torch 2.13)
+        # outputs of the last block other than the image tokens are never read: it runs queries and MLP for image
+        # tokens only. Not when the block is compiled (nn.Module.compile): its query start then differs from the
+        # other blocks' 0, becomes a dynamic int and trips inductor's shape algebra (torch 2.13)
         last = len(self.blocks) - 1
-        start = 0 if getattr(self.blocks[last], "_compiled_call_impl", None) is not None else Lt
+        start = 0 if getattr(self.blocks[last], "_compiled_call_impl", None) is not None else h.shape[1] - N
         hidden = None
         for i, blk in enumerate(self.blocks):
             h = blk(h, tv, rot, kmask, start=start if i == last else 0)

@@ -20,8 +20,8 @@ from krea2.models.dit import DiT, DiTConfig, swiglu_hidden
 
 DIFFUSERS_PREFIX = "model.diffusion_model."
 # read once, single-threaded: os.umask can only be read by setting it, which would race async checkpoint threads
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -121,7 +121,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -275,9 +275,29 @@ def cache_key(encoder, prompt: str) -> str:
     return hashlib.sha256(f"{identity}\0{prompt}".encode()).hexdigest()[:40]
 
 
-def pad_rows(rows: list[Tensor], length: int, device="cpu") -> tuple[Tensor, Tensor]:
-    """Stack variable-length valid rows at the front of `length` slots, zero-padded; mask marks the rows."""
-    states = torch.zeros(len(rows), length, *rows[0].shape[1:], dtype=rows[0].dtype, device=device)
+def encode_valid_rows(encoder, prompts: list[str], chunk: int = 128, dtype: torch.dtype | None = None,
+                      progress=None) -> list[Tensor]:
+    """The valid rows (n_valid_i, n_layers, dim) of each prompt, on the CPU, encoded `chunk` prompts at a time:
+    the one form in which text states are cached (training pools, inference caches, curation).
+    `progress(n)` is called after each chunk with the number of prompts done in it."""
+    out = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        with torch.no_grad():
+            states, mask = encoder.encode(part)
+        out += [s[m].to("cpu", dtype or s.dtype) for s, m in zip(states, mask)]
+        if progress is not None:
+            progress(len(part))
+    return out
+
+
+def pad_rows(rows: list[Tensor], length: int | None = None, device="cpu", dtype: torch.dtype | None = None,
+             multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """Stack variable-length valid rows at the front of `length` slots (default: the longest row rounded up to
+    `multiple`), zero-padded; mask marks the rows. Returns states (B, length, n_layers, dim) and mask (B, length)."""
+    if length is None:
+        length = -(-max(len(r) for r in rows) // multiple) * multiple
+    states = torch.zeros(len(rows), length, *rows[0].shape[1:], dtype=dtype or rows[0].dtype, device=device)
     mask = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
     for i, r in enumerate(rows):
         states[i, :len(r)] = r[:length].to(device)
@@ -297,10 +317,9 @@ def encode_cached(encoder, prompts: list[str], cache: EncodingCache, length: int
     missing = {k: p for k, p in zip(keys, prompts) if cache.get(k) is None}
     found = {}
     if missing:
-        states, mask = encoder.encode(list(missing.values()))
-        for key, s, m in zip(missing, states, mask):
-            found[key] = s[m]
-            cache.put(key, s[m])
+        for key, row in zip(missing, encode_valid_rows(encoder, list(missing.values()))):
+            found[key] = row
+            cache.put(key, row)
     rows = [found[k] if k in found else cache.get(k) for k in keys]
     states, mask = pad_rows(rows, length or encoder.max_length, device or getattr(encoder, "device", "cpu"))
     return states, mask

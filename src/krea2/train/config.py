@@ -5,7 +5,11 @@
     [encoders]   text = "minilm"  autoencoder = "identity"
     [[stages]]   name = "pretrain-16"  steps = 3000  batch_size = 64  lr = 1e-3 ...
                  [stages.data]       source = "world"  size = 16  n_objects = [1, 1]
-                 [stages.objective]  name = "flow"  irepa = true  irepa_until = 1000
+                 [stages.objective]  name = "flow"   (the objective's own fields; see train/objectives)
+                 [stages.objective.irepa]  until = 1000  layer = 2
+    [parallel]   dp_shard = -1  tp = 1  activation_checkpoint = "none" ...   (train/parallel.py)
+
+Every table is typed: an unknown key is a one-line error listing the known ones.
 """
 
 from __future__ import annotations
@@ -15,70 +19,82 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from krea2.errors import Krea2Error
+from krea2.train.data import DataConfig
+from krea2.train.objectives import build_objective_config
+from krea2.train.objectives.flow import FlowConfig
 from krea2.train.parallel import ParallelConfig
+from krea2.train.schema import build
 
-
-def _build(cls, d: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise Krea2Error(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**d)
-    except (TypeError, ValueError) as e:
-        raise Krea2Error(f"{where}: {e}") from None
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # a stage's precision -> FSDP2's param_dtype
 
 
 @dataclass
-class DataConfig:
-    source: str = "world"  # world | emoji | rows (Parquet training rows from `krea2 curate export`)
-    size: int | list[int] = 32  # square side(s) for world/emoji: a list makes one size bucket each; rows carry theirs
-    pool: int = 4096  # scenes rendered and captions encoded once per stage (cached frozen-encoder states)
-    n_objects: tuple[int, int] = (1, 4)
-    styles: list[str] | None = None
-    backgrounds: list[str] | None = None
-    sizes: list[str] | None = None  # object sizes, e.g. ["large"] for an early curriculum
-    path: str = ""  # rows: the exported Parquet folder
-    captions: dict[str, float] = field(default_factory=lambda: {"long": 0.7, "medium": 0.2, "short": 0.1})
-    caption_dropout: float = 0.1  # replaced by the empty-prompt encoding, never zeros
+class ModelSection:
+    """`[model]`: a preset, or the official architecture fields; `init` starts from a checkpoint instead."""
 
-    @property
-    def resolutions(self) -> list[int]:
-        return self.size if isinstance(self.size, list) else [self.size]
-
-    @property
-    def native(self) -> int:
-        """The largest bucket side: the resolution the stage's output is sampled at."""
-        return max(self.resolutions)
+    preset: str | None = None
+    init: str | None = None
+    features: int | None = None
+    tdim: int | None = None
+    txtdim: int | None = None
+    heads: int | None = None
+    kvheads: int | None = None
+    multiplier: int | None = None
+    layers: int | None = None
+    patch: int | None = None
+    channels: int | None = None
+    bias: bool | None = None
+    theta: float | None = None
+    txtlayers: int | None = None
+    txtheads: int | None = None
+    txtkvheads: int | None = None
+    txtblocks: int | None = None
 
     def __post_init__(self):
-        self.n_objects = tuple(self.n_objects)
-        if self.source not in {"world", "emoji", "rows"}:
-            raise ValueError(f"data source {self.source!r} must be world, emoji or rows")
-        if self.source == "rows" and not self.path:
-            raise ValueError("data source rows needs path = the exported Parquet folder")
-        if not 0 <= self.caption_dropout < 1:
-            raise ValueError("caption_dropout must be in [0, 1)")
-        if any(k not in {"long", "medium", "short"} for k in self.captions) or sum(self.captions.values()) <= 0:
-            raise ValueError("captions weights must use long/medium/short with a positive sum")
+        from krea2.models.dit import PRESETS
+
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if self.preset is not None and self.fields():
+            raise ValueError(f"preset {self.preset!r} and architecture fields {sorted(self.fields())} are both set; "
+                             "use one")
+        if self.preset is None and self.init is None and not self.fields():
+            raise ValueError("needs preset = NAME, init = CHECKPOINT or the official architecture fields")
+
+    def fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in {"preset", "init"} and getattr(self, f.name) is not None}
 
 
 @dataclass
-class ObjectiveConfig:
-    name: str = "flow"
-    shift_offset: float = 0.0  # added to the resolution rule's mu for training timesteps
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    irepa: bool = False
-    irepa_until: int = 0  # steps of this stage with the alignment term on (ramped to 0 over the last 5%)
-    irepa_layer: int = 2  # 1-based block whose image tokens are aligned
-    irepa_weight: float = 0.5
-    irepa_gamma: float = 0.6  # spatial normalisation strength of the teacher features
-    irepa_teacher: str = "world"  # world (the project's world encoder) | hf:PATH (a transformers vision backbone)
+class SamplingSection:
+    """`[sampling]`: the sampling preset and its overrides, stored in the output checkpoint's config."""
+
+    preset: str = "raw"
+    steps: int | None = None
+    guidance: float | None = None
+    mu: float | None = None
+    y1: float | None = None
+    y2: float | None = None
+    minres: int | None = None
+    maxres: int | None = None
 
     def __post_init__(self):
-        if self.name not in {"flow"}:
-            raise ValueError(f"objective {self.name!r} unknown; available: flow")
+        from krea2.sampling import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown sampling preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class EncodersSection:
+    text: str = "minilm"
+    autoencoder: str = "identity"
 
 
 @dataclass
@@ -92,10 +108,11 @@ class StageConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast); with FSDP also the gathered parameters' dtype
     guard: str = "skip"  # bad step (NaN/inf, loss spike): skip it, or rollback to the last saved state
-    activation_checkpoint: str = "none"  # none | selective | full
-    compile: bool = False
+    # None: the recipe's [parallel] value; a stage may set them only where [parallel] does not (one home each)
+    activation_checkpoint: str | None = None  # none | selective | full
+    compile: bool | None = None
     pma_k: int = 0  # average of the last k snapshots taken every pma_every steps (0: off)
     pma_every: int = 0
     ema: float = 0.0  # EMA decay (0: off); PMA is the release's choice
@@ -104,56 +121,101 @@ class StageConfig:
     log_every: int = 10
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: object = field(default_factory=FlowConfig)  # the objective's own Config (see objectives.OBJECTIVES)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
-        if self.precision not in {"fp32", "bf16"}:
+        if self.precision not in PRECISION_DTYPE:
             raise ValueError(f"precision {self.precision!r} must be fp32 or bf16")
-        if self.activation_checkpoint not in {"none", "selective", "full"}:
+        if self.guard not in {"skip", "rollback"}:
+            raise ValueError(f"guard {self.guard!r} must be skip or rollback")
+        if self.activation_checkpoint not in {None, "none", "selective", "full"}:
             raise ValueError("activation_checkpoint must be none, selective or full")
         if self.pma_k and self.pma_every < 1:
             raise ValueError("pma_k needs pma_every >= 1")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:  # also rejects nan
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.decay <= 1 or self.warmup < 0 or self.save_every < 1 or self.log_every < 1:
+            raise ValueError("needs decay in [0, 1], warmup >= 0, save_every >= 1 and log_every >= 1")
+
+    def parallel(self, recipe_parallel: ParallelConfig) -> ParallelConfig:
+        """The [parallel] settings this stage runs with: its AC/compile where it sets them, its precision's dtype."""
+        from dataclasses import replace
+
+        return replace(recipe_parallel, param_dtype=PRECISION_DTYPE[self.precision],
+                       activation_checkpoint=self.activation_checkpoint or recipe_parallel.activation_checkpoint,
+                       compile=recipe_parallel.compile if self.compile is None else self.compile)
 
 
 @dataclass
 class Recipe:
     name: str
-    model: dict  # {"preset": name} or official fields, plus optional "init": checkpoint to start from
-    text_encoder: str = "minilm"
-    autoencoder: str = "identity"
-    sampling: dict = field(default_factory=dict)  # stored in the output checkpoint's config
+    model: ModelSection
+    encoders: EncodersSection = field(default_factory=EncodersSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)  # stored in the output checkpoint's config
     sample_prompts: list[str] = field(default_factory=list)
     stages: list[StageConfig] = field(default_factory=list)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def text_encoder(self) -> str:
+        return self.encoders.text
+
+    @property
+    def autoencoder(self) -> str:
+        return self.encoders.autoencoder
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def check_one_home(stage: dict, par: dict, where: str) -> None:
+    """A setting both [parallel] and a stage set to different values is ambiguous: say so instead of picking one."""
+    for key in ("activation_checkpoint", "compile"):
+        if key in stage and key in par and stage[key] != par[key]:
+            raise Krea2Error(f"{where}: {key} = {stage[key]!r} but [parallel] sets {key} = {par[key]!r}; set it in "
+                             "one place ([parallel] for every stage, or per stage and not in [parallel])")
+    if "param_dtype" in par:
+        precision = stage.get("precision", "fp32")
+        if PRECISION_DTYPE.get(precision, par["param_dtype"]) != par["param_dtype"]:
+            raise Krea2Error(f"{where}: precision = {precision!r} but [parallel] param_dtype = "
+                             f"{par['param_dtype']!r}; the stage's precision sets the compute dtype, so drop "
+                             "param_dtype or make them agree")
+
+
 def parse_recipe(d: dict, where: str = "recipe") -> Recipe:
     d = dict(d)
+    par = d.pop("parallel", {})
+    if not isinstance(par, dict):
+        raise Krea2Error(f"{where}: [parallel] must be a table")
     stages = []
     for i, s in enumerate(d.pop("stages", [])):
+        if not isinstance(s, dict):
+            raise Krea2Error(f"{where}: stage {i} must be a table")
         s = dict(s)
         sw = f"{where}: stage {i} ({s.get('name', '?')})"
-        s["data"] = _build(DataConfig, s.get("data", {}), sw + " [data]")
-        s["objective"] = _build(ObjectiveConfig, s.get("objective", {}), sw + " [objective]")
-        stages.append(_build(StageConfig, s, sw))
+        check_one_home(s, par, sw)
+        s["data"] = build(DataConfig, s.get("data", {}), sw + " [data]")
+        s["objective"] = build_objective_config(s.get("objective", {}), sw + " [objective]")
+        stages.append(build(StageConfig, s, sw))
     if not stages:
         raise Krea2Error(f"{where}: no [[stages]]; a recipe needs at least one stage")
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise Krea2Error(f"{where}: stage names must be unique, got {names}")
-    encoders = d.pop("encoders", {})
-    d["text_encoder"] = encoders.get("text", "minilm")
-    d["autoencoder"] = encoders.get("autoencoder", "identity")
-    d["parallel"] = ParallelConfig.from_dict(d.pop("parallel", {}))
     if "model" not in d:
         raise Krea2Error(f"{where}: missing [model] (preset = NAME or the official architecture fields)")
-    return _build(Recipe, {**d, "stages": stages}, where)
+    d["model"] = build(ModelSection, d["model"], f"{where} [model]")
+    d["encoders"] = build(EncodersSection, d.get("encoders", {}), f"{where} [encoders]")
+    d["sampling"] = build(SamplingSection, d.get("sampling", {}), f"{where} [sampling]")
+    d["parallel"] = build(ParallelConfig, {k: v for k, v in par.items() if k != "param_dtype"},
+                          f"{where} [parallel]")
+    return build(Recipe, {**d, "stages": stages}, where)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -1,12 +1,22 @@
-"""Stage data: a finite pool of captioned images with their frozen text-encoder states cached, and deterministic
-batches indexed by step, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""Stage data: sources and the batch types objectives read.
+
+Every batch is a pure function of (seed, step), so a resumed run sees exactly the batches the uninterrupted run
+would have seen, and each data-parallel rank takes a disjoint slice of the step's global batch.
+
+Sources (`[stages.data] source = ...`):
+- world / emoji: a pool of rendered images with their frozen text states and latents cached (`ImagePool`);
+- rows: Parquet rows exported by `krea2 curate export`, streamed one row group per step (`RowStream`): nothing is
+  held beyond the current batch, so a pool of 10^9 rows trains the same way as one of 10^3;
+- pairs: (caption, winner, loser) Parquet files for preference optimisation (`write_pairs` / `ImagePool`);
+- prompts: records without images for rollouts (world scenes, or a JSONL prompt file like `krea2 eval world`'s).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +27,58 @@ from tqdm import tqdm
 
 from krea2.data.types import CAPTION_KINDS, Example
 from krea2.errors import Krea2Error
+from krea2.models.text_encoders import encode_valid_rows, pad_rows
 from krea2.sampling import patchify
-from krea2.train.config import DataConfig
 
 CACHE_DTYPE = torch.bfloat16  # frozen text states: half the memory of fp32, far below the model's noise floor
+SOURCES = ("world", "emoji", "rows", "pairs", "prompts")
+TEXT_PAD = 8  # text padded per batch in steps of 8 slots: few distinct shapes
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"  # see SOURCES
+    size: int | list[int] = 32  # square side(s) for world/emoji/prompts: a list makes one size bucket each
+    pool: int = 4096  # world/emoji/prompts: scenes in the pool; pairs: at most this many pairs
+    n_objects: tuple[int, int] = (1, 4)
+    styles: list[str] | None = None
+    backgrounds: list[str] | None = None
+    sizes: list[str] | None = None  # object sizes, e.g. ["large"] for an early curriculum
+    path: str = ""  # rows: the exported Parquet folder; pairs: a Parquet file or folder; prompts: a JSONL (optional)
+    captions: dict[str, float] = field(default_factory=lambda: {"long": 0.7, "medium": 0.2, "short": 0.1})
+    caption_dropout: float = 0.1  # replaced by the empty-prompt encoding, never zeros
+
+    @property
+    def resolutions(self) -> list[int]:
+        return self.size if isinstance(self.size, list) else [self.size]
+
+    @property
+    def native(self) -> int:
+        """The largest bucket side: the resolution the stage's output is sampled at."""
+        return max(self.resolutions)
+
+    def __post_init__(self):
+        self.n_objects = tuple(self.n_objects)
+        if self.source not in SOURCES:
+            raise ValueError(f"data source {self.source!r} unknown; choose one of {list(SOURCES)}")
+        if self.source in {"rows", "pairs"} and not self.path:
+            raise ValueError(f"data source {self.source} needs path = the Parquet file or folder")
+        if not self.resolutions or any(not isinstance(r, int) or r < 1 for r in self.resolutions):
+            raise ValueError(f"size must be a positive integer or a list of them, got {self.size!r}")
+        if self.pool < 1:
+            raise ValueError(f"pool must be >= 1, got {self.pool}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError("caption_dropout must be in [0, 1)")
+        if any(k not in CAPTION_KINDS for k in self.captions) or not sum(self.captions.values()) > 0:
+            raise ValueError("captions weights must use long/medium/short with a positive sum")
+
+
+# ---------------------------------------------------------------- batch types
 
 
 @dataclass
 class Batch:
-    """One micro-batch; every sample shares the resolution (size buckets)."""
+    """One micro-batch of captioned images; every sample shares the resolution (size buckets)."""
 
     x0: Tensor  # (B, N, C·p·p) clean latent tokens
     context: Tensor  # (B, Lt, n_layers, dim) text states; dropped captions use the empty prompt's encoding
@@ -34,10 +87,107 @@ class Batch:
     gh: int
     gw: int
 
+    @property
+    def size(self) -> int:
+        return self.x0.shape[0]
+
+
+@dataclass
+class PairBatch:
+    """Preference pairs: a winner and a loser image for one caption (Diffusion-DPO, STPO)."""
+
+    x0_w: Tensor  # (B, N, C·p·p) winner latent tokens
+    x0_l: Tensor  # (B, N, C·p·p) loser latent tokens
+    context: Tensor  # (B, Lt, n_layers, dim)
+    txtmask: Tensor  # (B, Lt)
+    images_w: Tensor  # (B, 3, H, W) in [-1, 1]
+    images_l: Tensor
+    gh: int
+    gw: int
+
+    @property
+    def size(self) -> int:
+        return self.x0_w.shape[0]
+
+
+@dataclass
+class PromptBatch:
+    """Prompts without images, for rollouts: the policy samples, a reward scores (GRPO, TDM)."""
+
+    context: Tensor  # (B, Lt, n_layers, dim)
+    txtmask: Tensor  # (B, Lt)
+    prompts: list[str]
+    records: list[dict]  # what rewards check (world scene records), one per prompt
+    gh: int  # the token grid to sample
+    gw: int
+    height: int  # pixels
+    width: int
+
+    @property
+    def size(self) -> int:
+        return self.context.shape[0]
+
+
+def token_count(batch) -> tuple[int, int]:
+    """(image tokens, text slots) per sample of any batch type, for throughput and FLOP accounting."""
+    return batch.gh * batch.gw, batch.context.shape[1]
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class CaptionSampler:
+    """Which caption kind each sample uses and which captions are dropped, drawn from numpy's (seed, step) RNG."""
+
+    def __init__(self, cfg: DataConfig):
+        self.kinds = [k for k in CAPTION_KINDS if cfg.captions.get(k, 0) > 0]
+        weights = np.array([cfg.captions[k] for k in self.kinds], dtype=np.float64)
+        self.p, self.dropout = weights / weights.sum(), cfg.caption_dropout
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.choice(len(self.kinds), size=n, p=self.p), rng.random(n) < self.dropout
+
+    def pick(self, captions: dict[str, str], kind: int) -> str:
+        """Caption of the drawn kind; a source lacking it falls back to the longest it has."""
+        return captions.get(self.kinds[kind]) or next(captions[c] for c in CAPTION_KINDS if captions.get(c))
+
+
+def encode_texts(encoder, texts: list[str], cache_dir: str | Path | None, progress: bool) -> dict[str, Tensor]:
+    """Valid text rows of every distinct text (plus ""), encoded once; cached in one file per set of texts."""
+    texts = sorted(set(texts) | {""})
+    key = hashlib.sha256(json.dumps([getattr(encoder, "identity", type(encoder).__name__), texts]).encode())
+    file = Path(cache_dir) / f"text-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
+    if file is not None and file.is_file():
+        packed = load_file(file)
+        return dict(zip(texts, torch.split(packed["rows"], packed["lengths"].tolist())))
+    bar = tqdm(total=len(texts), desc="encoding captions", unit="cap", disable=not progress)
+    rows = encode_valid_rows(encoder, texts, dtype=CACHE_DTYPE, progress=bar.update)
+    bar.close()
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        save_file({"rows": torch.cat(rows), "lengths": torch.tensor([len(r) for r in rows])}, str(tmp))
+        tmp.replace(file)
+    return dict(zip(texts, rows))
+
+
+def rank_part(n: int, rank: int, world: int) -> slice:
+    if n % world:
+        raise Krea2Error(f"batch_size {n} must be divisible by the data-parallel size {world}")
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def to_pixels(images: Tensor) -> Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [-1, 1]."""
+    return images.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+# ---------------------------------------------------------------- pools: world, emoji, pairs
+
 
 def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
-    """The stage's pool. World/emoji: `pool` examples split over the square sizes of `size`; rows: the exported
-    same-bucket batches from the start of the manifest."""
+    """The stage's pool. World/emoji: `pool` examples split over the square sizes of `size`; pairs: the file's
+    pairs (the loser image in meta["loser"])."""
     sizes = cfg.resolutions
     if cfg.source == "world":
         from krea2.data.world import world_examples
@@ -49,109 +199,226 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
         from krea2.data.emoji import emoji_examples
 
         return [ex for side in sizes for ex in emoji_examples(side, limit=cfg.pool // len(sizes))]
-    from krea2.data.curation.rows import TrainingRows
-
-    rows = TrainingRows(cfg.path)
-    out: list[Example] = []
-    for batch in rows.batches(0):
-        out += batch
-        if len(out) >= cfg.pool:
-            break
-    if not out:
-        raise Krea2Error(f"no training rows in {cfg.path}; run `krea2 curate export` first")
-    return out[: cfg.pool]
+    if cfg.source == "pairs":
+        return read_pairs(cfg.path)[: cfg.pool]
+    raise Krea2Error(f"data source {cfg.source!r} is not a pool")
 
 
-class StageData:
-    """Images and cached caption encodings of one stage; `batch(step)` is a pure function of (seed, step)."""
+class ImagePool:
+    """Images (or winner/loser pairs) of one stage with cached caption encodings and latents; `batch(step)` is a
+    pure function of (seed, step)."""
 
     def __init__(self, cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int,
                  cache_dir: str | Path | None = None, progress: bool = True):
         self.cfg, self.seed, self.ae, self.patch = cfg, seed, autoencoder, patch
         examples = pool_examples(cfg, seed)
+        if not examples:
+            raise Krea2Error(f"data source {cfg.source} gave no examples")
+        self.paired = cfg.source == "pairs"
         # size buckets: every batch is drawn from one image shape (resolution/aspect), picked per step
         shapes = sorted({ex.image.shape for ex in examples})
         self.buckets = [torch.tensor([i for i, ex in enumerate(examples) if ex.image.shape == sh]) for sh in shapes]
         self.bucket_p = np.array([len(b) for b in self.buckets], dtype=np.float64) / len(examples)
-        self.images = [torch.from_numpy(np.stack([examples[i].image for i in b.tolist()])) for b in self.buckets]
-        self.kinds = [k for k in CAPTION_KINDS if cfg.captions.get(k, 0) > 0]
-        weights = np.array([cfg.captions[k] for k in self.kinds], dtype=np.float64)
-        self.kind_p = weights / weights.sum()
-        # caption of kind k for example i; a source lacking a kind falls back to the longest it has
-        self.captions = [[ex.captions.get(k) or next(ex.captions[c] for c in CAPTION_KINDS if ex.captions.get(c))
-                          for k in self.kinds] for ex in examples]
-        self.rows, self.empty = self._encode(text_encoder, cache_dir, progress)
+        views = (lambda ex: [ex.image, ex.meta["loser"]]) if self.paired else (lambda ex: [ex.image])
+        # (n, views, H, W, 3) uint8 per bucket
+        self.images = [torch.from_numpy(np.stack([np.stack(views(examples[i])) for i in b.tolist()]))
+                       for b in self.buckets]
+        self.sampler = CaptionSampler(cfg)
+        self.captions = [[self.sampler.pick(ex.captions, k) for k in range(len(self.sampler.kinds))]
+                         for ex in examples]
+        self.text = encode_texts(text_encoder, [c for caps in self.captions for c in caps], cache_dir, progress)
         self.latents = self._latents(progress)
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.buckets)
 
-    def _encode(self, encoder, cache_dir, progress) -> tuple[list[Tensor], Tensor]:
-        """Valid rows of every distinct caption (plus ""), encoded once and cached in one file per pool."""
-        texts = sorted({c for caps in self.captions for c in caps} | {""})
-        key = hashlib.sha256(json.dumps([getattr(encoder, "identity", type(encoder).__name__), texts]).encode())
-        file = Path(cache_dir) / f"text-{key.hexdigest()[:16]}.safetensors" if cache_dir else None
-        if file is not None and file.is_file():
-            packed = load_file(file)
-            flat, lengths = packed["rows"], packed["lengths"].tolist()
-        else:
-            chunks, lengths = [], []
-            bar = tqdm(total=len(texts), desc="encoding captions", unit="cap", disable=not progress)
-            for start in range(0, len(texts), 128):
-                part = texts[start:start + 128]
-                with torch.no_grad():
-                    states, mask = encoder.encode(part)
-                for s, m in zip(states, mask):
-                    chunks.append(s[m].to("cpu", CACHE_DTYPE))
-                    lengths.append(int(m.sum()))
-                bar.update(len(part))
-            bar.close()
-            flat = torch.cat(chunks)
-            if file is not None:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_suffix(".tmp")
-                save_file({"rows": flat, "lengths": torch.tensor(lengths)}, str(tmp))
-                tmp.replace(file)
-        by_text = dict(zip(texts, torch.split(flat, lengths)))
-        rows = [by_text[c] for caps in self.captions for c in caps]  # flat index i * n_kinds + k
-        return rows, by_text[""]
-
     def _latents(self, progress) -> list[Tensor]:
-        """Posterior means of the whole pool, encoded once per bucket: the autoencoder is frozen."""
+        """Posterior means of the whole pool, encoded once per bucket and view: the autoencoder is frozen."""
         out = []
-        for b in range(len(self.buckets)):
-            chunks = [self.ae.encode(self.pixels(b, torch.arange(i, min(i + 256, len(self.images[b])))))
-                      for i in tqdm(range(0, len(self.images[b]), 256), desc="encoding latents", leave=False,
+        for images in self.images:
+            n, v = images.shape[:2]
+            flat = images.flatten(0, 1)
+            chunks = [self.ae.encode(to_pixels(flat[i:i + 256]))
+                      for i in tqdm(range(0, len(flat), 256), desc="encoding latents", leave=False,
                                     disable=not progress)]
-            out.append(torch.cat(chunks))
+            lat = torch.cat(chunks)
+            out.append(lat.view(n, v, *lat.shape[1:]))
         return out
-
-    def pixels(self, bucket: int, local: Tensor) -> Tensor:
-        return self.images[bucket][local].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
     def indices(self, step: int, batch_size: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
         bucket = int(rng.choice(len(self.buckets), p=self.bucket_p))
         local = rng.integers(len(self.buckets[bucket]), size=batch_size)
-        kind = rng.choice(len(self.kinds), size=batch_size, p=self.kind_p)
-        drop = rng.random(batch_size) < self.cfg.caption_dropout
+        kind, drop = self.sampler.draw(rng, batch_size)
         return bucket, local, kind, drop
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> Batch:
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> Batch | PairBatch:
         """The global batch of `step`, of which this rank takes its disjoint slice."""
-        if batch_size % world:
-            raise Krea2Error(f"batch_size {batch_size} must be divisible by the data-parallel size {world}")
+        part = rank_part(batch_size, rank, world)
         bucket, local, kind, drop = self.indices(step, batch_size)
-        part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         local, kind, drop = torch.from_numpy(local[part]), kind[part], drop[part]
         idx = self.buckets[bucket][local].tolist()
-        rows = [self.empty if d else self.rows[i * len(self.kinds) + k] for i, k, d in zip(idx, kind, drop)]
-        length = -(-max(len(r) for r in rows) // 8) * 8  # per-batch padding in steps of 8: few distinct shapes
-        context = torch.zeros(len(rows), length, *rows[0].shape[1:], dtype=torch.float32)
-        txtmask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for b, r in enumerate(rows):
-            context[b, :len(r)] = r.float()
-            txtmask[b, :len(r)] = True
-        images, latent = self.pixels(bucket, local).to(device), self.latents[bucket][local].to(device)
+        rows = [self.text[""] if d else self.text[self.captions[i][k]] for i, k, d in zip(idx, kind, drop)]
+        context, txtmask = pad_rows(rows, multiple=TEXT_PAD, dtype=torch.float32)
+        images = to_pixels(self.images[bucket][local]).to(device)
+        latent = self.latents[bucket][local].to(device)
         gh, gw = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
-        return Batch(patchify(latent, self.patch), context.to(device), txtmask.to(device), images, gh, gw)
+        context, txtmask = context.to(device), txtmask.to(device)
+        if self.paired:
+            return PairBatch(patchify(latent[:, 0], self.patch), patchify(latent[:, 1], self.patch), context,
+                             txtmask, images[:, 0], images[:, 1], gh, gw)
+        return Batch(patchify(latent[:, 0], self.patch), context, txtmask, images[:, 0], gh, gw)
+
+
+# ---------------------------------------------------------------- rows: streamed from the curation export
+
+
+class RowStream:
+    """Curation's exported rows, one row group per step (wrapping for later epochs), encoded as they are read.
+
+    Nothing is materialised: step s reads row group s mod n, takes its first `batch_size` rows (the export writes
+    same-bucket row groups), and this rank encodes only its slice. Caption kind and dropout come from the
+    (seed, step) RNG like the pools', so resume is exact.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int, **_):
+        from krea2.data.curation.rows import TrainingRows
+
+        self.cfg, self.seed, self.te, self.ae, self.patch = cfg, seed, text_encoder, autoencoder, patch
+        self.rows = TrainingRows(cfg.path)
+        if len(self.rows) == 0:
+            raise Krea2Error(f"no training rows in {cfg.path}; run `krea2 curate export` first")
+        self.sampler = CaptionSampler(cfg)
+        self.empty = encode_valid_rows(text_encoder, [""])[0]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> Batch:
+        part = rank_part(batch_size, rank, world)
+        examples = self.rows.batch(step)
+        if len(examples) < batch_size:
+            raise Krea2Error(f"row group of step {step} in {self.cfg.path} holds {len(examples)} rows, fewer than "
+                             f"batch_size {batch_size}; export with --batch-size >= {batch_size}")
+        kind, drop = self.sampler.draw(np.random.default_rng([self.seed, step]), batch_size)
+        mine = examples[:batch_size][part]
+        texts = [self.sampler.pick(ex.captions, k) for ex, k in zip(mine, kind[part])]
+        encoded = iter(encode_valid_rows(self.te, [t for t, d in zip(texts, drop[part]) if not d]))
+        rows = [self.empty if d else next(encoded) for d in drop[part]]
+        context, txtmask = pad_rows(rows, multiple=TEXT_PAD, dtype=torch.float32)
+        images = to_pixels(torch.from_numpy(np.stack([ex.image for ex in mine])))
+        with torch.no_grad():
+            latent = self.ae.encode(images)
+        gh, gw = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
+        return Batch(patchify(latent, self.patch).to(device), context.to(device), txtmask.to(device),
+                     images.to(device), gh, gw)
+
+
+# ---------------------------------------------------------------- pairs: a Parquet file format
+
+
+def write_pairs(path: str | Path, captions: list[str], winners: list[np.ndarray], losers: list[np.ndarray],
+                metas: list[dict] | None = None) -> Path:
+    """Write preference pairs as one Parquet file (PNG bytes, caption, meta JSON); atomic (temp file + rename).
+
+    winners/losers: (H, W, 3) uint8, a winner and its loser of the same shape."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    if not len(captions) == len(winners) == len(losers):
+        raise Krea2Error("write_pairs needs as many winners and losers as captions")
+
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for w, lo in zip(winners, losers):
+        if w.shape != lo.shape:
+            raise Krea2Error(f"a pair's images differ in shape: {w.shape} vs {lo.shape}")
+    table = pa.table({"caption": captions, "winner": [png(w) for w in winners], "loser": [png(x) for x in losers],
+                      "meta": [json.dumps(m) for m in (metas or [{}] * len(captions))]})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_pairs(path: str | Path) -> list[Example]:
+    """Pairs from a Parquet file or every *.parquet of a folder, as Examples: winner in `image`, loser in
+    meta["loser"], the caption as every caption kind."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise Krea2Error(f"no pairs at {path}: write them with krea2.train.data.write_pairs (a .parquet file)")
+    out = []
+    for f in files:
+        for r in pq.read_table(f).to_pylist():
+            def rgb(b):
+                return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+            meta = {**json.loads(r["meta"] or "{}"), "loser": rgb(r["loser"])}
+            out.append(Example(rgb(r["winner"]), dict.fromkeys(CAPTION_KINDS, r["caption"]), meta))
+    return out
+
+
+# ---------------------------------------------------------------- prompts: records without images
+
+
+PROMPT_SEED = 1_000_003  # training prompts: seeds far from the eval prompt files' (0, 1, ...)
+
+
+class PromptPool:
+    """Prompts and their checkable records: world prompts of every eval family (single object, counting, colours,
+    position, ...), or the records of a JSONL prompt file (`{"prompt": ..., "objects": [...]}` as `krea2 eval
+    world` reads)."""
+
+    def __init__(self, cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int,
+                 cache_dir: str | Path | None = None, progress: bool = True):
+        self.cfg, self.seed = cfg, seed
+        self.pixels_per_token = autoencoder.compression * patch
+        if cfg.path:
+            lines = Path(cfg.path).read_text().splitlines() if Path(cfg.path).is_file() else None
+            if lines is None:
+                raise Krea2Error(f"prompt file not found: {cfg.path}")
+            self.records = [json.loads(line) for line in lines if line.strip()][: cfg.pool]
+        else:  # every tag of the eval families, from a seed range the shipped eval prompts do not use
+            from krea2.data.world import TAGS, make_eval_prompts
+
+            self.records = make_eval_prompts(-(-cfg.pool // len(TAGS)), seed=PROMPT_SEED + seed)[: cfg.pool]
+        if not self.records or any("prompt" not in r for r in self.records):
+            raise Krea2Error("prompt records need a 'prompt' field each, and at least one record")
+        for side in cfg.resolutions:
+            if side % self.pixels_per_token:
+                raise Krea2Error(f"size {side} is not a multiple of the token size {self.pixels_per_token} px")
+        self.text = encode_texts(text_encoder, [r["prompt"] for r in self.records], cache_dir, progress)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> PromptBatch:
+        part = rank_part(batch_size, rank, world)
+        rng = np.random.default_rng([self.seed, step])
+        side = int(rng.choice(self.cfg.resolutions))
+        idx = rng.integers(len(self.records), size=batch_size)[part].tolist()
+        records = [self.records[i] for i in idx]
+        context, txtmask = pad_rows([self.text[r["prompt"]] for r in records], multiple=TEXT_PAD,
+                                    dtype=torch.float32)
+        g = side // self.pixels_per_token
+        return PromptBatch(context.to(device), txtmask.to(device), [r["prompt"] for r in records], records, g, g,
+                           side, side)
+
+
+def build_data(cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int, cache_dir=None,
+               progress: bool = True):
+    """The stage's data source: an object with `batch(step, batch_size, rank, world, device)` and `len()`."""
+    cls = {"rows": RowStream, "prompts": PromptPool}.get(cfg.source, ImagePool)
+    return cls(cfg, seed, text_encoder, autoencoder, patch, cache_dir=cache_dir, progress=progress)
+
+
+DATA_KINDS = {"world": "images", "emoji": "images", "rows": "images", "pairs": "pairs", "prompts": "prompts"}

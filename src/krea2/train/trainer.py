@@ -1,7 +1,10 @@
-"""One trainer for every stage: the loop, optimiser, LR schedule, checkpoints, averaging, logging and samples.
+"""One trainer for every stage: the loop, optimisers, LR schedule, spike guard, checkpoints, averaging, logging
+and samples.
 
-The objective (flow matching with optional iREPA, ...) computes the loss; the trainer never looks inside it.
-Everything random in a step is derived from (seed, step), so `--resume` reproduces the uninterrupted run exactly.
+The objective (`train/objectives`, picked by name) owns its step; the model set (`train/models.py`) builds, places
+and parallelises every model it asks for; the trainer names no objective and reads only the metrics the objective
+names ("loss" and its `guard_metric`). Everything random in a step is derived from (seed, step), so `--resume`
+reproduces the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -15,27 +18,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from krea2.errors import Krea2Error
-from krea2.models.dit import DiT, get_config
-from krea2.models.loading import infer_config, load_dit, read_shapes
-from krea2.pipeline import (
-    Pipeline,
-    image_grid,
+from krea2.models.checkpoint import (
+    merge_state_dicts,
     read_checkpoint_dir,
     resolve_checkpoint,
     sampling_from_dict,
-    write_checkpoint_dir,
+    write_checkpoint,
 )
+from krea2.models.dit import DiT, get_config
+from krea2.models.loading import infer_config, load_dit, read_shapes
+from krea2.pipeline import Pipeline, image_grid
 from krea2.train import checkpoint as ckpt
 from krea2.train import parallel
 from krea2.train.config import Recipe, StageConfig
-from krea2.train.data import StageData
+from krea2.train.data import DATA_KINDS, build_data, token_count
 from krea2.train.guard import GuardConfig, SpikeGuard
 from krea2.train.health import HealthConfig, HealthMonitor, dit_train_flops, peak_flops
-from krea2.train.objectives.flow import FlowMatching
+from krea2.train.models import build_model_set
+from krea2.train.objectives import ObjectiveEnv, get_objective
 from krea2.train.watchdog import Watchdog
 
 NO_DECAY = ("bias", "mod.lin", "modulation.lin")
@@ -77,32 +81,6 @@ def wsd_lr(step: int, stage: StageConfig) -> float:
     return stage.lr * warm
 
 
-def average_state_dicts(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Uniform average (PMA merge) in fp32."""
-    return {k: sum(sd[k].float() for sd in sds) / len(sds) for k in sds[0]}
-
-
-class EMA(nn.Module):
-    """Shadow weights as buffers, so they ride in the training checkpoint without entering the optimizer."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__()
-        self.decay = decay
-        self.names = [n for n, _ in model.named_parameters()]
-        for i, (_, p) in enumerate(model.named_parameters()):
-            self.register_buffer(f"w{i}", p.detach().clone().float())
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for i, p in enumerate(model.parameters()):
-            getattr(self, f"w{i}").lerp_(p.detach().float(), 1 - self.decay)
-
-    def state_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        sd = dict(model.state_dict())
-        sd.update({n: getattr(self, f"w{i}") for i, n in enumerate(self.names)})
-        return sd
-
-
 @dataclass
 class Context:
     """What every stage shares: the recipe, the frozen encoders, the output folder, the process layout."""
@@ -117,20 +95,19 @@ class Context:
 
     @property
     def sampling(self):
-        return sampling_from_dict(self.recipe.sampling)
+        return sampling_from_dict(self.recipe.sampling.to_dict())
 
 
 def stage_dir(ctx: Context, stage: StageConfig) -> Path:
     return ctx.out / stage.name
 
 
-def write_output(ctx: Context, model: DiT, path: Path, sd: dict | None = None, resolution: int = 32) -> Path:
-    if sd is not None:
-        tmp = DiT(model.cfg)
-        tmp.load_state_dict({k: v.to(tmp.state_dict()[k].dtype) for k, v in sd.items()})
-        model = tmp
-    return write_checkpoint_dir(path, model, ctx.recipe.text_encoder, ctx.recipe.autoencoder, ctx.recipe.sampling,
-                                resolution)
+def write_output(ctx: Context, cfg, path: Path, sd: dict, resolution: int = 32) -> Path:
+    """A stage's output folder in the release format; replaces the folder an interrupted earlier run left."""
+    config = {"model": cfg.to_dict(), "text_encoder": ctx.recipe.text_encoder,
+              "autoencoder": ctx.recipe.autoencoder, "sampling": ctx.recipe.sampling.to_dict(),
+              "resolution": resolution}
+    return write_checkpoint(path, sd, config, dtype=torch.float32, overwrite=True)
 
 
 def sample_grid(ctx: Context, model: DiT, stage: StageConfig, seed: int = 0):
@@ -138,10 +115,125 @@ def sample_grid(ctx: Context, model: DiT, stage: StageConfig, seed: int = 0):
     prompts = ctx.recipe.sample_prompts or ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
     was_training = model.training
     model.eval()
-    pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, stage.data.native)
+    pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, stage.data.native, ctx.dist.device)
     images = pipe.generate(prompts, seed=seed)
     model.train(was_training)
     return image_grid(images, cols=min(len(images), 8))
+
+
+class TrainerContext:
+    """The trainer's side of `StepContext`: what an objective's `step()` calls to update its models.
+
+    One optimiser (AdamW) and one spike guard per name the objective declares; each optimiser's LR follows the
+    stage's WSD schedule times its `lr_scale`. Bad steps are skipped, or rolled back by the loop after the step.
+    """
+
+    def __init__(self, stage: StageConfig, optimizers: dict, specs: dict, ema, policy: nn.Module,
+                 device: torch.device):
+        self.stage, self.optimizers = stage, optimizers
+        self.lr_scales = {name: spec.lr_scale for name, spec in specs.items()}
+        # in module order: the clipping norm sums per-tensor norms, and its rounding depends on the order
+        self.params = {name: [p for m in spec.modules for p in m.parameters() if p.requires_grad]
+                       for name, spec in specs.items()}
+        self.guards = {name: SpikeGuard(GuardConfig(action=stage.guard)) for name in optimizers}
+        self.ema, self.policy, self.device = ema, policy, device
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
+                         else nullcontext())
+        self.begin(0)
+
+    def begin(self, step: int) -> None:
+        self.step, self.grad_norms, self.bad, self.rollback = step, {}, [], False
+        for name, opt in self.optimizers.items():
+            for g in opt.param_groups:
+                g["lr"] = wsd_lr(step, self.stage) * self.lr_scales[name]
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def all_reduce_mean(self, x: Tensor) -> Tensor:
+        return torch.tensor(parallel.all_reduce_mean(x))
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """Concatenate x (B, ...) from every rank along dim 0, in rank order (identity in one process)."""
+        if not torch.distributed.is_initialized():
+            return x
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def optimizer_step(self, name: str, metric: Tensor) -> bool:
+        opt = self.optimizers[name]
+        grad_norm = parallel.clip_grad_norm_(self.params[name], self.stage.grad_clip)
+        self.grad_norms[name] = float(grad_norm)
+        verdict = self.guards[name].check(parallel.all_reduce_mean(metric), grad_norm)
+        if verdict.ok:
+            opt.step()
+            if name == "policy" and self.ema is not None:
+                self.ema.update(self.policy)
+        else:
+            self.bad.append(f"{name}: {verdict.reason}")
+            self.rollback = self.rollback or verdict.action == "rollback"
+        opt.zero_grad(set_to_none=True)
+        return verdict.ok
+
+    def state_dict(self) -> dict:
+        return {name: g.state_dict() for name, g in self.guards.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, g in self.guards.items():
+            g.load_state_dict(state.get(name, {}))
+
+
+def build_optimizers(objective, models, stage: StageConfig) -> tuple[dict, dict]:
+    """One AdamW per optimiser the objective declares (weight decay split by name); returns them and the specs."""
+    specs = objective.optimizers(models)
+    if "policy" not in specs:
+        raise Krea2Error(f"objective {objective.name} declares no 'policy' optimiser")
+    optimizers = {name: torch.optim.AdamW(param_groups(spec.modules, stage.weight_decay), lr=stage.lr,
+                                          betas=stage.betas, eps=1e-8, fused=False)
+                  for name, spec in sorted(specs.items())}
+    return optimizers, specs
+
+
+def objective_env(ctx: Context, cfg, stage: StageConfig) -> ObjectiveEnv:
+    return ObjectiveEnv(cfg, ctx.sampling, ctx.autoencoder.compression * cfg.patch, stage.steps)
+
+
+@dataclass
+class StageRuntime:
+    """A stage ready to step: its objective, model set, optimisers and the context handed to the objective."""
+
+    objective: object
+    mset: object
+    optimizers: dict
+    tctx: TrainerContext
+
+    @property
+    def opt_list(self) -> list:
+        return [self.optimizers[k] for k in sorted(self.optimizers)]
+
+
+def build_stage(ctx: Context, stage: StageConfig, init: DiT) -> StageRuntime:
+    """The objective by name, the model set (placed and parallelised) and one AdamW per declared optimiser."""
+    cfg = init.cfg
+    objective_cls = get_objective(stage.objective.name)
+    if DATA_KINDS[stage.data.source] != objective_cls.data_kind:
+        raise Krea2Error(f"stage {stage.name}: objective {objective_cls.name} reads {objective_cls.data_kind} but "
+                         f"data source {stage.data.source} gives {DATA_KINDS[stage.data.source]}")
+    objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage))
+    pcfg = stage.parallel(ctx.recipe.parallel)
+    parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
+    mset = build_model_set(init, objective, ctx.dist.device, ctx.mesh,
+                           pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema)
+    optimizers, specs = build_optimizers(objective, mset.models, stage)
+    return StageRuntime(objective, mset, optimizers,
+                        TrainerContext(stage, optimizers, specs, mset.ema, mset.policy, ctx.dist.device))
+
+
+def train_step(rt: StageRuntime, batch, step: int, generator: torch.Generator) -> dict:
+    """One step of the stage: the schedule's LRs, then the objective's own step (torchtitan's `train_step`)."""
+    rt.tctx.begin(step)
+    return rt.objective.step(rt.mset.models, batch, step, generator, rt.tctx)
 
 
 def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> DiT:
@@ -149,40 +241,27 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     sdir = stage_dir(ctx, stage)
     state_dir, final_dir = sdir / "state", sdir / "final"
     main = ctx.dist.is_main
-    model = init.train()
-    if model.cfg.channels != ctx.autoencoder.channels:
-        raise Krea2Error(f"model has {model.cfg.channels} channels but the autoencoder {ctx.recipe.autoencoder} has "
+    cfg = init.cfg
+    if cfg.channels != ctx.autoencoder.channels:
+        raise Krea2Error(f"model has {cfg.channels} channels but the autoencoder {ctx.recipe.autoencoder} has "
                          f"{ctx.autoencoder.channels}")
-    pixels_per_token = ctx.autoencoder.compression * model.cfg.patch
-    objective = FlowMatching(stage.objective, model, ctx.sampling, pixels_per_token, stage.steps)
-    ema = EMA(model, stage.ema) if stage.ema else None
-    if ctx.dist.world_size > 1 or stage.activation_checkpoint != "none" or stage.compile:
-        # an fp32 stage computes in fp32 on any number of ranks; bf16 stages use the recipe's FSDP param dtype
-        param_dtype = "float32" if stage.precision == "fp32" else ctx.recipe.parallel.param_dtype
-        pcfg = parallel.ParallelConfig(**{**ctx.recipe.parallel.__dict__,
-                                          "activation_checkpoint": stage.activation_checkpoint,
-                                          "compile": stage.compile, "param_dtype": param_dtype})
-        model = parallel.parallelize_dit(model, ctx.mesh, pcfg.resolve(ctx.dist.world_size))
-    trainable = nn.ModuleDict({"dit": model, "objective": objective})
-    if ema is not None:
-        trainable["ema"] = ema
-    opt = torch.optim.AdamW(param_groups([trainable], stage.weight_decay), lr=stage.lr, betas=stage.betas,
-                            eps=1e-8, fused=False)
-    guard = SpikeGuard(GuardConfig(action=stage.guard))
-
-    start = 0
     if state_dir.exists() and not resume:
         raise Krea2Error(f"{sdir} already holds a run; pass --resume to continue it or choose another --out")
+    rt = build_stage(ctx, stage, init)
+    model, mset, tctx, opt_list = rt.mset.policy, rt.mset, rt.tctx, rt.opt_list
+    objective = rt.objective
+
+    start = 0
     if resume and ckpt.is_checkpoint(state_dir):
-        extra = ckpt.load_training_state(state_dir, trainable, opt)
+        extra = ckpt.load_training_state(state_dir, mset.state, opt_list)
         start = int(extra["step"])
-        guard.load_state_dict(extra.get("guard", {}))
+        tctx.load_state_dict(extra.get("guards", {}))
         torch.set_rng_state(extra["torch_rng"])
         if main:
             print(f"[{stage.name}] resuming at step {start}")
 
-    data = StageData(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, unwrap(model).cfg.patch,
-                     cache_dir=ctx.out / "cache", progress=ctx.progress and main)
+    data = build_data(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, cfg.patch,
+                      cache_dir=ctx.out / "cache", progress=ctx.progress and main)
     dp_rank, dp_size = parallel.dp_rank_and_size(ctx.mesh)
     writer = None
     if main:
@@ -194,8 +273,6 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         keep = [line for line in (losses_file.read_text().splitlines() if losses_file.exists() else [])
                 if json.loads(line)["step"] < start]  # steps after the checkpoint are redone identically
         losses_file.write_text("".join(line + "\n" for line in keep))
-    autocast = (torch.autocast(ctx.dist.device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
-                else nullcontext())
     pma_dir = sdir / "pma"
     bar = tqdm(total=stage.steps, initial=start, desc=stage.name, unit="step", disable=not (ctx.progress and main),
                dynamic_ncols=True)
@@ -210,32 +287,24 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         t_step = time.perf_counter()
         batch = data.batch(step, stage.batch_size, dp_rank, dp_size, device=ctx.dist.device)
         generator = torch.Generator(device=ctx.dist.device).manual_seed(hash((stage.seed, step, dp_rank)) % 2**63)
-        for g in opt.param_groups:
-            g["lr"] = wsd_lr(step, stage)
-        with autocast:
-            loss, metrics = objective(model, batch, step, generator)
-        loss.backward()
-        grad_norm = parallel.clip_grad_norm_(trainable.parameters(), stage.grad_clip)
-        loss_value = parallel.all_reduce_mean(loss.detach())
-        # judge the data-fit term: auxiliary terms (iREPA's −cos) can make the total negative
-        verdict = guard.check(parallel.all_reduce_mean(metrics.get("loss/flow", loss.detach())), grad_norm)
-        if verdict.ok:
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-        else:
-            monitor.record_bad_step(step, verdict.reason)
-            if verdict.action == "rollback" and ckpt.is_checkpoint(state_dir):
-                ckpt.load_training_state(state_dir, trainable, opt)  # weights back; data moves past the bad batch
-                guard.reset_after_rollback()
+        metrics = train_step(rt, batch, step, generator)
+        loss_value = parallel.all_reduce_mean(metrics["loss"])
+        grad_norm = tctx.grad_norms.get("policy", 0.0)
+        if tctx.bad:
+            reason = "; ".join(tctx.bad)
+            monitor.record_bad_step(step, reason)
+            rolled = tctx.rollback and ckpt.is_checkpoint(state_dir)
+            if rolled:  # weights back; data moves past the bad batch
+                ckpt.load_training_state(state_dir, mset.state, opt_list)
+                for g in tctx.guards.values():
+                    g.reset_after_rollback()
             if main:
-                tqdm.write(f"[{stage.name}] step {step}: {verdict.reason}; "
-                           f"{'rolled back' if verdict.action == 'rollback' else 'step skipped'}")
-        opt.zero_grad(set_to_none=True)
+                tqdm.write(f"[{stage.name}] step {step}: {reason}; {'rolled back' if rolled else 'step skipped'}")
         dt_step = time.perf_counter() - t_step
-        tokens = batch.x0.shape[0] * (batch.x0.shape[1] + batch.context.shape[1]) * dp_size
-        flops = dit_train_flops(unwrap(model).cfg, batch.x0.shape[1], batch.context.shape[1]) * stage.batch_size
-        monitor.log_step(step + 1, loss=loss_value, grad_norm=float(grad_norm), step_time_s=dt_step,
+        n_img, n_txt = token_count(batch)
+        tokens = batch.size * (n_img + n_txt) * dp_size
+        flops = dit_train_flops(cfg, n_img, n_txt) * stage.batch_size
+        monitor.log_step(step + 1, loss=loss_value, grad_norm=grad_norm, step_time_s=dt_step,
                          tokens_per_s=tokens / dt_step,
                          mfu=None if peak is None else flops / dt_step / (peak * ctx.dist.world_size))
         if watchdog is not None:
@@ -245,16 +314,19 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         if main:
             with open(sdir / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss_value}) + "\n")
-            bar.set_postfix(flow=f"{float(metrics['loss/flow']):.4f}", lr=f"{wsd_lr(step, stage):.2e}")
+            bar.set_postfix({objective.guard_metric.split("/")[-1]: f"{float(metrics[objective.guard_metric]):.4f}",
+                             "lr": f"{wsd_lr(step, stage):.2e}"})
             bar.update(1)
             if done % stage.log_every == 0 or done == stage.steps:
                 dt = time.perf_counter() - t_last
                 writer.add_scalar("train/loss", loss_value, done)
-                writer.add_scalar("train/grad_norm", float(grad_norm), done)
+                for name, norm in tctx.grad_norms.items():
+                    writer.add_scalar("train/grad_norm" + ("" if name == "policy" else f"/{name}"), norm, done)
                 writer.add_scalar("train/lr", wsd_lr(step, stage), done)
                 writer.add_scalar("train/samples_per_s", samples_seen / max(dt, 1e-9), done)
                 for k, v in metrics.items():
-                    writer.add_scalar(k, float(v), done)
+                    if k != "loss":
+                        writer.add_scalar(k, float(v), done)
                 t_last, samples_seen = time.perf_counter(), 0
             if stage.sample_every and (done % stage.sample_every == 0 or done == stage.steps):
                 grid = sample_grid(ctx, model, stage)
@@ -269,8 +341,8 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
                 pma_dir.mkdir(exist_ok=True)
                 save_file(sd, str(pma_dir / f"step_{done:07d}.safetensors"))
         if done % stage.save_every == 0 or done == stage.steps:
-            ckpt.save_training_state(state_dir, trainable, opt, {
-                "step": done, "guard": guard.state_dict(), "torch_rng": torch.get_rng_state(), "stage": stage.name})
+            ckpt.save_training_state(state_dir, mset.state, opt_list, {
+                "step": done, "guards": tctx.state_dict(), "torch_rng": torch.get_rng_state(), "stage": stage.name})
     bar.close()
     monitor.close()
     if watchdog is not None:
@@ -278,20 +350,20 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
 
     # the stage's output: PMA merge of the last k snapshots, else EMA, else the raw weights
     sd = ckpt.full_state_dict(model)
+    shadows = mset.ema.shadows() if mset.ema is not None else None  # a collective: every rank gathers
     if main:
-        write_output(ctx, unwrap(model), sdir / "last", sd, stage.data.native)
+        write_output(ctx, cfg, sdir / "last", sd, stage.data.native)
         if stage.pma_k:
             from safetensors.torch import load_file
 
             snaps = sorted(pma_dir.glob("step_*.safetensors"))[-stage.pma_k:]
-            sd = average_state_dicts([load_file(str(p)) for p in snaps])
-        elif ema is not None:
-            sd = ema.state_for(unwrap(model))
-        write_output(ctx, unwrap(model), final_dir, sd, stage.data.native)
+            sd = merge_state_dicts([load_file(str(p)) for p in snaps])
+        elif shadows is not None:
+            sd = {**sd, **shadows}
+        write_output(ctx, cfg, final_dir, sd, stage.data.native)
         writer.close()
     barrier()
-    out = load_dit(final_dir / "model.safetensors", unwrap(model).cfg)
-    return out
+    return load_dit(final_dir / "model.safetensors", cfg)
 
 
 def metrics_port() -> int | None:
@@ -315,17 +387,16 @@ def unwrap(model: nn.Module) -> DiT:
 def recipe_model_config(recipe: Recipe):
     """The DiT config a recipe trains: its `init` checkpoint's (released files: read off the shapes), else its
     preset or explicit fields."""
-    spec = dict(recipe.model)
-    if "init" in spec:
-        info = resolve_checkpoint(spec["init"])
+    m = recipe.model
+    if m.init:
+        info = resolve_checkpoint(m.init)
         return info.model or infer_config(read_shapes(info.model_path))
-    return get_config(spec["preset"]) if "preset" in spec else get_config(spec)
+    return get_config(m.preset) if m.preset else get_config(m.fields())
 
 
 def initial_model(ctx: Context) -> DiT:
-    init = ctx.recipe.model.get("init")
-    if init:
-        info = resolve_checkpoint(init)
+    if ctx.recipe.model.init:
+        info = resolve_checkpoint(ctx.recipe.model.init)
         return load_dit(info.model_path, info.model)
     torch.manual_seed(ctx.recipe.stages[0].seed)
     return init_weights(DiT(recipe_model_config(ctx.recipe)))
@@ -379,13 +450,24 @@ def validate_recipe(recipe: Recipe) -> str:
         bad = [r for r in s.data.resolutions if r % unit]
         if bad:
             raise Krea2Error(f"stage {s.name}: size(s) {bad} are not multiples of the token size {unit} px")
+        objective = get_objective(s.objective.name)
+        if DATA_KINDS[s.data.source] != objective.data_kind:
+            raise Krea2Error(f"stage {s.name}: objective {objective.name} reads {objective.data_kind} but data "
+                             f"source {s.data.source} gives {DATA_KINDS[s.data.source]}")
+        try:
+            s.objective.check(cfg)
+        except ValueError as e:
+            raise Krea2Error(f"stage {s.name}: {e}") from None
+        s.parallel(recipe.parallel)
         tokens = "/".join(str((r // unit) ** 2) for r in s.data.resolutions)
         px = "/".join(str(r) for r in s.data.resolutions)
         lrs = [wsd_lr(k, s) for k in (0, s.warmup, s.steps - 1)]
-        irepa = (f", iREPA on block {s.objective.irepa_layer} until step {s.objective.irepa_until or s.steps} "
-                 f"(teacher {s.objective.irepa_teacher})") if s.objective.irepa else ""
-        if s.objective.irepa and not 1 <= s.objective.irepa_layer <= cfg.layers:
-            raise Krea2Error(f"stage {s.name}: irepa_layer {s.objective.irepa_layer} is outside 1..{cfg.layers}")
-        lines.append(f"  {s.name}: {s.steps} steps x {s.batch_size}, {px}px = {tokens} tokens, "
-                     f"{s.precision}, lr {lrs[0]:.2e} -> {lrs[1]:.2e} -> {lrs[2]:.2e}, data {s.data.source}{irepa}")
+        irepa = getattr(s.objective, "irepa", None)
+        extra = (f", iREPA on block {irepa.layer} until step {irepa.until or s.steps} (teacher {irepa.teacher})"
+                 if irepa is not None else "")
+        roles = "".join(f", {name} ({'trainable' if r.trainable else 'frozen'} copy of {r.init})"
+                        for name, r in objective.roles.items())
+        lines.append(f"  {s.name}: {objective.name}, {s.steps} steps x {s.batch_size}, {px}px = {tokens} tokens, "
+                     f"{s.precision}, lr {lrs[0]:.2e} -> {lrs[1]:.2e} -> {lrs[2]:.2e}, data {s.data.source}"
+                     f"{roles}{extra}")
     return "\n".join(lines)

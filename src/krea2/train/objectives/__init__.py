@@ -1,0 +1,32 @@
+"""Objectives by name: `[stages.objective] name = "..."` picks the class; the rest of the table is its Config.
+
+    OBJECTIVES = {"flow": FlowMatching, "dpo": DiffusionDPO}
+"""
+
+from __future__ import annotations
+
+from krea2.errors import Krea2Error
+from krea2.train.objectives.base import LossObjective, Objective, ObjectiveEnv, Role
+from krea2.train.objectives.dpo import DiffusionDPO
+from krea2.train.objectives.flow import FlowMatching
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (FlowMatching, DiffusionDPO)}
+
+
+def get_objective(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise Krea2Error(f"objective {name!r} unknown; available: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def build_objective_config(table: dict | None, where: str):
+    """The objective's own Config from its recipe table (default: flow)."""
+    from krea2.train.schema import build
+
+    table = dict(table or {})
+    cls = get_objective(table.get("name", "flow"))
+    return build(cls.Config, table, where)
+
+
+__all__ = ["OBJECTIVES", "LossObjective", "Objective", "ObjectiveEnv", "Role", "build_objective_config",
+           "get_objective"]

@@ -1,16 +1,21 @@
-"""Rectified flow in the release's convention: x_t = (1 − t)·x0 + t·ε, target v* = ε − x0, t = 1 is noise."""
+"""Rectified flow in the release's convention: x_t = (1 − t)·x0 + t·ε, target v* = ε − x0, t = 1 is noise.
+
+Follows minRF (cloneofsimo/minRF) and SD3's shifted logit-normal timesteps; the pretraining, midtraining and SFT
+objective (SFT is this objective on curated rows from a stage `init`).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from krea2.sampling import SamplingConfig, joint_inputs, resolution_mu
-from krea2.train.config import ObjectiveConfig
+from krea2.sampling import joint_inputs, resolution_mu
 from krea2.train.data import Batch
-from krea2.train.objectives.irepa import IREPA
+from krea2.train.objectives.base import LossObjective, Models, ObjectiveEnv
+from krea2.train.objectives.irepa import IREPA, IREPAConfig
 
 
 def shifted_timesteps(n: int, mu: float, mean: float = 0.0, std: float = 1.0, generator=None,
@@ -27,29 +32,75 @@ def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     return (v_pred.float() - (noise - x0).float()).square().mean()
 
 
-class FlowMatching(nn.Module):
-    """The pretraining/midtraining objective; owns the optional iREPA projector (never exported)."""
+def velocity_error(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """Per-sample mean squared velocity error (B,): the flow loss before the batch mean."""
+    return (v_pred.float() - (noise - x0).float()).square().flatten(1).mean(1)
 
-    def __init__(self, cfg: ObjectiveConfig, model, sampling: SamplingConfig, pixels_per_token: int, stage_steps: int):
-        super().__init__()
-        self.cfg, self.sampling, self.pixels_per_token = cfg, sampling, pixels_per_token
-        self.irepa = IREPA.from_config(cfg, model.cfg.features, stage_steps) if cfg.irepa else None
+
+@dataclass
+class TimestepConfig:
+    """Training timesteps: shifted logit-normal around the resolution rule's mu (+ shift_offset)."""
+
+    shift_offset: float = 0.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class FlowConfig(TimestepConfig):
+    name: str = "flow"
+    irepa: IREPAConfig | bool | None = None
+
+    def __post_init__(self):
+        self.irepa = IREPAConfig() if self.irepa is True else (self.irepa or None)
+
+    def check(self, model) -> None:
+        if self.irepa is not None:
+            self.irepa.check(model.layers)
+
+
+class Denoising(LossObjective):
+    """Shared by objectives that noise clean latents and regress the velocity: timesteps, noising, the optional
+    iREPA term (whose projector this objective owns and the model set shards)."""
+
+    def __init__(self, cfg, env: ObjectiveEnv):
+        super().__init__(cfg, env)
+        irepa = getattr(cfg, "irepa", None)
+        self.irepa = IREPA.from_config(irepa, env.model.features, env.stage_steps) if irepa is not None else None
 
     def mu(self, n_tokens: int) -> float:
-        return resolution_mu(n_tokens, self.sampling, self.pixels_per_token) + self.cfg.shift_offset
+        return resolution_mu(n_tokens, self.env.sampling, self.env.pixels_per_token) + self.cfg.shift_offset
 
-    def forward(self, model, batch: Batch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def timesteps(self, n: int, n_tokens: int, generator, device) -> Tensor:
+        return shifted_timesteps(n, self.mu(n_tokens), self.cfg.logit_mean, self.cfg.logit_std, generator, device)
+
+    def irepa_weight(self, step: int) -> float:
+        return self.irepa.weight(step) if self.irepa is not None else 0.0
+
+    def velocity(self, model, x0: Tensor, noise: Tensor, t: Tensor, context: Tensor, txtmask: Tensor, gh: int,
+                 gw: int, hidden_layer: int | None = None):
+        """v(x_t, t) for x_t = (1 − t)·x0 + t·noise; with hidden_layer=k also block k's image tokens."""
+        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        pos, mask = joint_inputs(txtmask, gh, gw)
+        return model(xt, context, t, pos, mask, return_hidden=hidden_layer)
+
+
+class FlowMatching(Denoising):
+    """The pretraining/midtraining/SFT objective: flow matching, plus iREPA while its weight is on."""
+
+    Config = FlowConfig
+    name = "flow"
+    guard_metric = "loss/flow"  # judge the data-fit term: iREPA's −cos can make the total negative
+
+    def loss(self, models: Models, batch: Batch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:
         B, N, _ = batch.x0.shape
         device = batch.x0.device
-        t = shifted_timesteps(B, self.mu(N), self.cfg.logit_mean, self.cfg.logit_std, generator, device)
+        t = self.timesteps(B, N, generator, device)
         noise = torch.randn(batch.x0.shape, generator=generator, device=device)
-        xt = (1 - t)[:, None, None] * batch.x0 + t[:, None, None] * noise
-        pos, mask = joint_inputs(batch.txtmask, batch.gh, batch.gw)
-        weight = self.irepa.weight(step) if self.irepa is not None else 0.0
-        if weight > 0:
-            v, hidden = model(xt, batch.context, t, pos, mask, return_hidden=self.irepa.layer)
-        else:
-            v = model(xt, batch.context, t, pos, mask)
+        weight = self.irepa_weight(step)
+        out = self.velocity(models.policy, batch.x0, noise, t, batch.context, batch.txtmask, batch.gh, batch.gw,
+                            self.irepa.layer if weight > 0 else None)
+        v, hidden = out if weight > 0 else (out, None)
         loss = flow_matching_loss(v, batch.x0, noise)
         metrics = {"loss/flow": loss.detach()}
         if weight > 0:

@@ -1,8 +1,13 @@
 """iREPA (arXiv 2512.10794): align an intermediate block's image tokens with a frozen vision encoder's patch
 features of the clean image, through a 3×3 conv projector and spatially normalised teacher features.
+
+A term any denoising objective can add (REPA's `loss.py` pattern): the objective owns the projector, asks the DiT
+for the block's hidden states, and adds `weight(step) * irepa(hidden, images, gh, gw)` to its loss.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,25 @@ class WorldTeacher(nn.Module):
         return self.encoder.features(images)
 
 
+@dataclass
+class IREPAConfig:
+    """`[stages.objective.irepa]`: `irepa = true` takes these defaults, `irepa = false` (or no table) turns it off."""
+
+    until: int = 0  # steps of the stage with the alignment term on (ramped to 0 over the last 5%); 0: the whole stage
+    layer: int = 2  # 1-based block whose image tokens are aligned
+    weight: float = 0.5
+    gamma: float = 0.6  # spatial normalisation strength of the teacher features
+    teacher: str = "world"  # world (the project's world encoder) | hf:PATH (a transformers vision backbone)
+
+    def __post_init__(self):
+        if self.until < 0 or self.layer < 1 or not self.weight >= 0 or not 0 <= self.gamma <= 1:
+            raise ValueError("irepa needs until >= 0, layer >= 1, weight >= 0 and gamma in [0, 1]")
+
+    def check(self, layers: int) -> None:
+        if self.layer > layers:
+            raise ValueError(f"irepa layer {self.layer} is outside 1..{layers}")
+
+
 def load_teacher(spec: str) -> nn.Module:
     if spec == "world":
         return WorldTeacher()
@@ -83,10 +107,13 @@ class IREPA(nn.Module):
         self.layer, self.base_weight, self.gamma, self.until = layer, weight, gamma, until
 
     @classmethod
-    def from_config(cls, cfg, features: int, stage_steps: int) -> IREPA:
-        until = cfg.irepa_until or stage_steps
-        return cls(load_teacher(cfg.irepa_teacher), features, cfg.irepa_layer, cfg.irepa_weight, cfg.irepa_gamma,
-                   until)
+    def from_config(cls, cfg: IREPAConfig, features: int, stage_steps: int) -> IREPA:
+        return cls(load_teacher(cfg.teacher), features, cfg.layer, cfg.weight, cfg.gamma, cfg.until or stage_steps)
+
+    def _apply(self, fn, recurse=True):
+        # the teacher is outside the module tree (no optimiser, no checkpoint) but must follow .to(device)
+        self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def weight(self, step: int) -> float:
         """λ, ramped linearly to 0 over the last 5% of the aligned span, then off."""

@@ -1,0 +1,105 @@
+"""Rewards: the world checker as (images, records) -> (B,) scores, and the registry."""
+
+import numpy as np
+import pytest
+import torch
+
+from krea2.data import world
+from krea2.errors import Krea2Error
+from krea2.eval import checker
+from krea2.rewards import REWARDS, get_reward, requirement_results, world_rubric, world_strict
+
+
+def as_images(arrays) -> torch.Tensor:
+    """(S, S, 3) uint8 renders -> (B, 3, S, S) in [-1, 1], as a decoder would hand them to a reward."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+def tag_prompts(n_per_tag=4, size=32, seed=0):
+    """An eval prompt record per scene made for its tag, and the scene's render (which passes it)."""
+    rng = np.random.default_rng(seed)
+    records, renders = [], []
+    for tag in world.TAGS:
+        for i in range(n_per_tag):
+            scene = world.sample_scene_for_tag(rng, tag)
+            records.append(world.scene_to_prompt_record(scene, tag, rng))
+            renders.append(world.render(scene, size, i))
+    return records, renders
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_ground_truth_renders_score_one_on_both(size):
+    examples = list(world.world_examples(24, size, seed=size))
+    scene_records = [e.meta["scene"] for e in examples]
+    prompt_records, renders = tag_prompts(size=size)
+    for records, images in ((scene_records, as_images([e.image for e in examples])),
+                            (prompt_records, as_images(renders))):
+        for name in ("world_rubric", "world_strict"):
+            r = get_reward(name)(images, records)
+            assert r.shape == (len(records),) and r.dtype == torch.float32
+            assert (r == 1.0).all(), (name, r)
+
+
+def test_a_blank_image_scores_zero_strict_and_below_one_rubric():
+    records, _ = tag_prompts(n_per_tag=2)
+    scenes = [e.meta["scene"] for e in world.world_examples(6, 32, seed=1)]
+    records += scenes + [{**s, "background": "gray"} for s in scenes]  # a met background alone is not enough
+    blank = torch.zeros(len(records), 3, 32, 32)  # mid-grey
+    assert (world_strict(blank, records) == 0).all()
+    rubric = world_rubric(blank, records)
+    assert (rubric < 1).all() and (rubric >= 0).all()
+    assert (rubric[-6:] > 0).all()  # the gray background is met
+
+
+def test_an_image_meeting_part_of_a_two_object_prompt_gets_partial_credit():
+    record = {"prompt": "a circle and a square", "tag": "two_object",
+              "objects": [{"shape": "circle"}, {"shape": "square"}]}
+    half = world.Scene("white", "flat", [world.WorldObject("circle", "red", "large", "left"),
+                                         world.WorldObject("triangle", "blue", "large", "right")])
+    both = world.Scene("white", "flat", [world.WorldObject("circle", "red", "large", "left"),
+                                         world.WorldObject("square", "blue", "large", "right")])
+    images = as_images([world.render(half, 32, 0), world.render(both, 32, 0)])
+    rubric = world_rubric(images, [record, record])
+    assert 0 < rubric[0] < 1 and rubric[1] == 1
+    assert rubric[0] == pytest.approx(2 / 3)  # object count and the circle: met; the square: not
+    assert world_strict(images, [record, record]).tolist() == [0.0, 1.0]
+    met = requirement_results(checker.detect(world.render(half, 32, 0)), record)
+    assert met == {"object count": True, "object 0": True, "object 1": False}
+
+
+def test_a_wrong_relation_costs_only_the_relation():
+    scene = world.Scene("black", "outline", [world.WorldObject("circle", "red", "small", "left"),
+                                             world.WorldObject("square", "blue", "large", "right")])
+    record = {"prompt": "", "tag": "position",
+              "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}],
+              "relations": [{"a": 0, "b": 1, "relation": "right of"}], "style": "outline"}
+    image = as_images([world.render(scene, 64, 3)])
+    assert world_rubric(image, [record]).item() == pytest.approx(4 / 5)
+    assert world_strict(image, [record]).item() == 0
+    counting = {"prompt": "", "tag": "counting", "objects": [{"shape": "circle", "count": 3}]}
+    assert requirement_results(checker.detect(world.render(scene, 64, 3)), counting) == \
+        {"object count": False, "object 0#1": True, "object 0#2": False, "object 0#3": False}
+
+
+def test_rubric_is_one_exactly_when_strict_passes():
+    # matched and mismatched (image, prompt) pairs across tags: full rubric credit is the checker's pass, no more
+    records, renders = tag_prompts(n_per_tag=6, seed=2)
+    rng = np.random.default_rng(3)
+    shuffled = [records[i] for i in rng.permutation(len(records))]
+    images = as_images(renders + renders)
+    both = records + shuffled
+    strict, rubric = world_strict(images, both), world_rubric(images, both)
+    assert torch.equal(strict == 1, rubric == 1)
+    assert 0 < strict[len(records):].mean() < 1 and (rubric[len(records):] > 0).any()
+
+
+def test_registry_names_and_errors():
+    assert set(REWARDS) == {"world_rubric", "world_strict"}
+    with pytest.raises(Krea2Error, match="unknown reward 'aesthetic'.*world_rubric.*world_strict") as e:
+        get_reward("aesthetic")
+    assert "\n" not in str(e.value)
+    with pytest.raises(Krea2Error, match="one record per image"):
+        world_strict(torch.zeros(2, 3, 32, 32), [{"objects": [{"shape": "circle"}]}])
+    with pytest.raises(Krea2Error, match=r"\(B, 3, H, W\)"):
+        world_rubric(torch.zeros(2, 32, 32), [{"objects": [{"shape": "circle"}]}] * 2)
