@@ -411,3 +411,19 @@ def test_prompt_source_gives_checkable_records(tmp_path):
     from_file = PromptPool(DataConfig(source="prompts", size=32, path=str(prompts)), 0, FakeEncoder(),
                            load_autoencoder("identity"), 2)
     assert len(from_file) == len(prompts.read_text().splitlines())
+
+
+def test_triplets_share_style_not_content():
+    from test_train import FakeEncoder
+
+    from krea2.models.autoencoders import load_autoencoder
+    from krea2.train.data import TripletBatch, world_triplets
+
+    exs = world_triplets(6, 32, 1, n_objects=(1, 2))
+    for ex in exs:
+        a, b = ex.meta["scene"], ex.meta["reference_scene"]
+        assert (a["style"], a["background"]) == (b["style"], b["background"]) and a["objects"] != b["objects"]
+    data = ImagePool(DataConfig(source="triplets", size=32, pool=6), 1, FakeEncoder(), load_autoencoder("identity"),
+                     2, progress=False)
+    b = data.batch(0, 4)
+    assert isinstance(b, TripletBatch) and b.x0.shape == b.x0_ref.shape and not torch.equal(b.x0, b.x0_ref)

@@ -8,7 +8,9 @@ Sources (`[stages.data] source = ...`):
 - rows: Parquet rows exported by `krea2 curate export`, streamed one row group per step (`RowStream`): nothing is
   held beyond the current batch, so a pool of 10^9 rows trains the same way as one of 10^3;
 - pairs: (caption, winner, loser) Parquet files for preference optimisation (`write_pairs` / `ImagePool`);
-- prompts: records without images for rollouts (world scenes, or a JSONL prompt file like `krea2 eval world`'s).
+- prompts: records without images for rollouts (world prompts, or a JSONL prompt file like `krea2 eval world`'s);
+- triplets: (target, reference, caption) for style references: world scenes whose reference is another scene of the
+  same style and background with other objects (same style, different content).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from krea2.models.text_encoders import encode_valid_rows, pad_rows
 from krea2.sampling import patchify
 
 CACHE_DTYPE = torch.bfloat16  # frozen text states: half the memory of fp32, far below the model's noise floor
-SOURCES = ("world", "emoji", "rows", "pairs", "prompts")
+SOURCES = ("world", "emoji", "rows", "pairs", "prompts", "triplets")
 TEXT_PAD = 8  # text padded per batch in steps of 8 slots: few distinct shapes
 
 
@@ -128,6 +130,24 @@ class PromptBatch:
         return self.context.shape[0]
 
 
+@dataclass
+class TripletBatch:
+    """Style-reference training: the target, a reference sharing its style but not its content, the caption."""
+
+    x0: Tensor  # (B, N, C·p·p) target latent tokens
+    x0_ref: Tensor  # (B, N, C·p·p) reference latent tokens
+    context: Tensor  # (B, Lt, n_layers, dim)
+    txtmask: Tensor  # (B, Lt)
+    images: Tensor  # (B, 3, H, W) in [-1, 1]
+    images_ref: Tensor
+    gh: int
+    gw: int
+
+    @property
+    def size(self) -> int:
+        return self.x0.shape[0]
+
+
 def token_count(batch) -> tuple[int, int]:
     """(image tokens, text slots) per sample of any batch type, for throughput and FLOP accounting."""
     return batch.gh * batch.gw, batch.context.shape[1]
@@ -201,12 +221,32 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
         return [ex for side in sizes for ex in emoji_examples(side, limit=cfg.pool // len(sizes))]
     if cfg.source == "pairs":
         return read_pairs(cfg.path)[: cfg.pool]
+    if cfg.source == "triplets":
+        return [ex for k, side in enumerate(sizes) for ex in world_triplets(
+            cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, styles=cfg.styles,
+            backgrounds=cfg.backgrounds, sizes=cfg.sizes)]
     raise Krea2Error(f"data source {cfg.source!r} is not a pool")
 
 
+def world_triplets(n: int, size: int, seed: int, **sample_kwargs) -> list[Example]:
+    """World targets, each with a reference (meta["reference"]) rendered from another scene of the same style and
+    background: the style is shared, the objects (shapes, colours, places) are drawn anew."""
+    from krea2.data.world import render, sample_scene, scene_to_record, world_examples
+
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for ex in world_examples(n, size, seed, **sample_kwargs):
+        scene = ex.meta["scene"]
+        kw = {**sample_kwargs, "styles": [scene["style"]], "backgrounds": [scene["background"]]}
+        ref = sample_scene(rng, **kw)
+        out.append(Example(ex.image, ex.captions, {**ex.meta, "reference": render(ref, size, int(rng.integers(2**31))),
+                                                   "reference_scene": scene_to_record(ref)}))
+    return out
+
+
 class ImagePool:
-    """Images (or winner/loser pairs) of one stage with cached caption encodings and latents; `batch(step)` is a
-    pure function of (seed, step)."""
+    """Images (or winner/loser pairs, or target/reference triplets) of one stage with cached caption encodings
+    and latents; `batch(step)` is a pure function of (seed, step)."""
 
     def __init__(self, cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int,
                  cache_dir: str | Path | None = None, progress: bool = True):
@@ -214,12 +254,12 @@ class ImagePool:
         examples = pool_examples(cfg, seed)
         if not examples:
             raise Krea2Error(f"data source {cfg.source} gave no examples")
-        self.paired = cfg.source == "pairs"
+        second = {"pairs": "loser", "triplets": "reference"}.get(cfg.source)
         # size buckets: every batch is drawn from one image shape (resolution/aspect), picked per step
         shapes = sorted({ex.image.shape for ex in examples})
         self.buckets = [torch.tensor([i for i, ex in enumerate(examples) if ex.image.shape == sh]) for sh in shapes]
         self.bucket_p = np.array([len(b) for b in self.buckets], dtype=np.float64) / len(examples)
-        views = (lambda ex: [ex.image, ex.meta["loser"]]) if self.paired else (lambda ex: [ex.image])
+        views = (lambda ex: [ex.image, ex.meta[second]]) if second else (lambda ex: [ex.image])
         # (n, views, H, W, 3) uint8 per bucket
         self.images = [torch.from_numpy(np.stack([np.stack(views(examples[i])) for i in b.tolist()]))
                        for b in self.buckets]
@@ -252,7 +292,8 @@ class ImagePool:
         kind, drop = self.sampler.draw(rng, batch_size)
         return bucket, local, kind, drop
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> Batch | PairBatch:
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1,
+              device="cpu") -> Batch | PairBatch | TripletBatch:
         """The global batch of `step`, of which this rank takes its disjoint slice."""
         part = rank_part(batch_size, rank, world)
         bucket, local, kind, drop = self.indices(step, batch_size)
@@ -264,9 +305,10 @@ class ImagePool:
         latent = self.latents[bucket][local].to(device)
         gh, gw = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
         context, txtmask = context.to(device), txtmask.to(device)
-        if self.paired:
-            return PairBatch(patchify(latent[:, 0], self.patch), patchify(latent[:, 1], self.patch), context,
-                             txtmask, images[:, 0], images[:, 1], gh, gw)
+        if self.cfg.source in ("pairs", "triplets"):
+            cls = PairBatch if self.cfg.source == "pairs" else TripletBatch
+            return cls(patchify(latent[:, 0], self.patch), patchify(latent[:, 1], self.patch), context, txtmask,
+                       images[:, 0], images[:, 1], gh, gw)
         return Batch(patchify(latent[:, 0], self.patch), context, txtmask, images[:, 0], gh, gw)
 
 
@@ -421,4 +463,5 @@ def build_data(cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int
     return cls(cfg, seed, text_encoder, autoencoder, patch, cache_dir=cache_dir, progress=progress)
 
 
-DATA_KINDS = {"world": "images", "emoji": "images", "rows": "images", "pairs": "pairs", "prompts": "prompts"}
+DATA_KINDS = {"world": "images", "emoji": "images", "rows": "images", "pairs": "pairs", "prompts": "prompts",
+              "triplets": "triplets"}
