@@ -193,6 +193,15 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return lp.mean(dim=tuple(range(1, lp.dim())))
 
 
+def sde_mean(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, eta: float) -> Tensor:
+    """The mean of `sde_step`'s transition: x + (t_next - t)·[v + eta²/(2(1 - t))·(x + (1 - t) v)] (1 - t_next in
+    the denominator at t = 1). Linear in v, so two velocities' means differ by a per-step factor times v1 - v2 (the
+    KL between two policies' transitions, as Flow-GRPO regularises to the reference). t, t_next broadcast to x."""
+    t_safe = torch.where(t >= 1, t_next, t)
+    drift = v + (eta**2 / (2 * (1 - t_safe))) * (x + (1 - t) * v)  # eta²/(2(1 - t)) = sigma_t²/(2t)
+    return x + (t_next - t) * drift
+
+
 def sde_step(x: Tensor, v: Tensor, t: float | Tensor, t_next: float | Tensor, eta: float,
              generator: torch.Generator | None = None, prev_sample: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One step of the marginal-preserving SDE, from t to t_next < t, and the log-density of the step taken.
@@ -222,9 +231,7 @@ def sde_step(x: Tensor, v: Tensor, t: float | Tensor, t_next: float | Tensor, et
     t = torch.as_tensor(t, dtype=dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
     t_next = torch.as_tensor(t_next, dtype=dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
     _, std = sde_std(t, t_next, eta)
-    t_safe = torch.where(t >= 1, t_next, t)
-    drift = v + (eta**2 / (2 * (1 - t_safe))) * (x + (1 - t) * v)  # eta²/(2(1 - t)) = sigma_t²/(2t)
-    mean = x + (t_next - t) * drift
+    mean = sde_mean(x, v, t, t_next, eta)
     deterministic = (std == 0).expand(x.shape[0], *std.shape[1:]).reshape(x.shape[0])
     if prev_sample is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)

@@ -93,8 +93,10 @@ class SamplingSection:
 
 @dataclass
 class EncodersSection:
-    text: str = "minilm"
-    autoencoder: str = "identity"
+    """`[encoders]`; unset: the `[model] init` checkpoint's own encoders, else minilm and identity."""
+
+    text: str | None = None
+    autoencoder: str | None = None
 
 
 @dataclass
@@ -162,13 +164,20 @@ class Recipe:
     stages: list[StageConfig] = field(default_factory=list)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    def _init_encoder(self, kind: str, default: str) -> str:
+        if self.model.init is None:
+            return default
+        from krea2.models.checkpoint import resolve_checkpoint
+
+        return getattr(resolve_checkpoint(self.model.init), kind)
+
     @property
     def text_encoder(self) -> str:
-        return self.encoders.text
+        return self.encoders.text or self._init_encoder("text_encoder", "minilm")
 
     @property
     def autoencoder(self) -> str:
-        return self.encoders.autoencoder
+        return self.encoders.autoencoder or self._init_encoder("autoencoder", "identity")
 
     def to_dict(self) -> dict:
         return asdict(self)

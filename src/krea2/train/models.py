@@ -84,7 +84,7 @@ def build_role(role, policy_init: nn.Module) -> nn.Module:
         from krea2.models.loading import load_dit
 
         info = resolve_checkpoint(role.init)
-        model = load_dit(info.model_path, info.model)
+        model = load_dit(info.model_path, info.model, dtype=torch.float32)
     return model.train(role.trainable).requires_grad_(role.trainable)
 
 

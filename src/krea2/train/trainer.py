@@ -32,6 +32,7 @@ from krea2.models.checkpoint import (
 from krea2.models.dit import DiT, get_config
 from krea2.models.loading import infer_config, load_dit, read_shapes
 from krea2.pipeline import Pipeline, image_grid
+from krea2.sampling import unpatchify
 from krea2.train import checkpoint as ckpt
 from krea2.train import parallel
 from krea2.train.config import Recipe, StageConfig
@@ -129,8 +130,8 @@ class TrainerContext:
     """
 
     def __init__(self, stage: StageConfig, optimizers: dict, specs: dict, ema, policy: nn.Module,
-                 device: torch.device):
-        self.stage, self.optimizers = stage, optimizers
+                 device: torch.device, autoencoder=None):
+        self.stage, self.optimizers, self.autoencoder = stage, optimizers, autoencoder
         self.lr_scales = {name: spec.lr_scale for name, spec in specs.items()}
         # in module order: the clipping norm sums per-tensor norms, and its rounding depends on the order
         self.params = {name: [p for m in spec.modules for p in m.parameters() if p.requires_grad]
@@ -149,6 +150,13 @@ class TrainerContext:
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, gh: int, gw: int) -> Tensor:
+        """Image tokens (B, gh·gw, C·p·p) -> images (B, 3, H, W) in [-1, 1] through the recipe's autoencoder."""
+        p = unwrap(self.policy).cfg.patch
+        latent = unpatchify(tokens.float(), p, gh * p, gw * p)
+        return self.autoencoder.decode(latent.to(self.device)).float().clamp(-1, 1)
 
     def all_reduce_mean(self, x: Tensor) -> Tensor:
         return torch.tensor(parallel.all_reduce_mean(x))
@@ -227,7 +235,8 @@ def build_stage(ctx: Context, stage: StageConfig, init: DiT) -> StageRuntime:
                            pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema)
     optimizers, specs = build_optimizers(objective, mset.models, stage)
     return StageRuntime(objective, mset, optimizers,
-                        TrainerContext(stage, optimizers, specs, mset.ema, mset.policy, ctx.dist.device))
+                        TrainerContext(stage, optimizers, specs, mset.ema, mset.policy, ctx.dist.device,
+                                       ctx.autoencoder))
 
 
 def train_step(rt: StageRuntime, batch, step: int, generator: torch.Generator) -> dict:
@@ -363,7 +372,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         write_output(ctx, cfg, final_dir, sd, stage.data.native)
         writer.close()
     barrier()
-    return load_dit(final_dir / "model.safetensors", cfg)
+    return load_dit(final_dir / "model.safetensors", cfg, dtype=torch.float32)
 
 
 def metrics_port() -> int | None:
@@ -397,7 +406,8 @@ def recipe_model_config(recipe: Recipe):
 def initial_model(ctx: Context) -> DiT:
     if ctx.recipe.model.init:
         info = resolve_checkpoint(ctx.recipe.model.init)
-        return load_dit(info.model_path, info.model)
+        # fp32 master weights, whatever the file holds
+        return load_dit(info.model_path, info.model, dtype=torch.float32)
     torch.manual_seed(ctx.recipe.stages[0].seed)
     return init_weights(DiT(recipe_model_config(ctx.recipe)))
 
@@ -422,7 +432,7 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
         if (final / "model.safetensors").is_file() and (final / "config.json").is_file():
             if dist.is_main:
                 print(f"[{stage.name}] done earlier; using {final}")
-            model = load_dit(final / "model.safetensors", read_checkpoint_dir(final).model).to(dist.device)
+            model = load_dit(final / "model.safetensors", read_checkpoint_dir(final).model, dtype=torch.float32)
             continue
         model = train_stage(ctx, stage, model, resume)
     if dist.is_main:

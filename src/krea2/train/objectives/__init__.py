@@ -1,6 +1,6 @@
 """Objectives by name: `[stages.objective] name = "..."` picks the class; the rest of the table is its Config.
 
-    OBJECTIVES = {"flow": FlowMatching, "dpo": DiffusionDPO}
+    OBJECTIVES = {"flow": FlowMatching, "dpo": DiffusionDPO, "stpo": STPO, "grpo": FlowGRPO}
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from krea2.errors import Krea2Error
 from krea2.train.objectives.base import LossObjective, Objective, ObjectiveEnv, Role
 from krea2.train.objectives.dpo import DiffusionDPO
 from krea2.train.objectives.flow import FlowMatching
+from krea2.train.objectives.grpo import FlowGRPO
+from krea2.train.objectives.stpo import STPO
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (FlowMatching, DiffusionDPO)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (FlowMatching, DiffusionDPO, STPO, FlowGRPO)}
 
 
 def get_objective(name: str) -> type[Objective]:

@@ -71,6 +71,9 @@ class StepContext(Protocol):
 
     def all_gather(self, x: Tensor) -> Tensor: ...
 
+    def decode(self, tokens: Tensor, gh: int, gw: int) -> Tensor:
+        """Image tokens (B, gh·gw, C·p·p) -> images (B, 3, H, W) in [-1, 1] (for rewards)."""
+
 
 @dataclass
 class Models:

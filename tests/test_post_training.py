@@ -1,0 +1,101 @@
+"""Post-training objectives on the one trainer: STPO (our preference optimisation) and Flow-GRPO."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_trainer_contract import world_pairs
+
+from krea2.errors import Krea2Error
+from krea2.models.checkpoint import resolve_checkpoint
+from krea2.models.loading import load_dit
+from krea2.train.config import parse_recipe
+from krea2.train.objectives.grpo import clipped_policy_loss, group_advantages, transition_kl
+from krea2.train.objectives.stpo import winner_preserving_scale
+from krea2.train.trainer import train_recipe
+
+
+def test_group_advantages_are_zero_mean_per_group():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2])
+    a = group_advantages(r, 4)
+    assert torch.allclose(a.view(2, 4).sum(1), torch.zeros(2), atol=1e-6)
+    assert torch.equal(a[4:], torch.zeros(4))  # a group with one reward value carries no signal
+    assert a[0] > a[2] == a[3] > a[1]
+
+
+def test_clipped_policy_loss():
+    adv = torch.tensor([1.0, -1.0])
+    old = torch.zeros(2)
+    loss, frac = clipped_policy_loss(old, old, adv, 0.1)
+    assert loss == 0 and frac == 0  # ratio 1, advantages sum to zero
+    # a ratio far above 1 + eps with a positive advantage is clipped (no incentive beyond the trust region)
+    loss, frac = clipped_policy_loss(torch.tensor([1.0, 0.0]), old, adv, 0.1)
+    assert torch.isclose(loss, torch.tensor((-1.1 + 1.0) / 2)) and frac == 0.5
+
+
+def test_transition_kl_is_zero_for_equal_policies_and_grows_with_the_gap():
+    x, v = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    assert transition_kl(x, v, v, 0.8, 0.6, 0.7) == 0
+    assert transition_kl(x, v, v + 0.1, 0.8, 0.6, 0.7) < transition_kl(x, v, v + 0.2, 0.8, 0.6, 0.7)
+
+
+def test_winner_preserving_scale():
+    target = torch.zeros(3, 2)
+    v_w = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    v_l = torch.tensor([[4.0, 0.0], [0.0, 5.0], [-2.0, 0.0]])
+    lam = winner_preserving_scale(v_w, target, v_l, target)
+    # aligned gradients: λ = ‖g_w‖²/⟨g_w, g_l⟩ = 1/4; orthogonal or opposed: 1 (the loser cannot hurt the winner)
+    assert torch.allclose(lam, torch.tensor([0.25, 1.0, 1.0]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "stpo"])
+def test_preference_objectives_start_at_ln2_and_change_the_model(tmp_path, name):
+    pairs = world_pairs(tmp_path / "pairs.parquet", n=8)
+    recipe = parse_recipe({"name": name, "model": {"preset": "tiny-world"}, "stages": [
+        {"name": "po", "steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "save_every": 100,
+         "data": {"source": "pairs", "path": str(pairs)}, "objective": {"name": name}}]})
+    train_recipe(recipe, tmp_path / "run", progress=False)
+    first = json.loads((tmp_path / "run" / "po" / "losses.jsonl").read_text().splitlines()[0])
+    if name == "dpo":
+        assert abs(first["loss"] - 0.6931472) < 1e-5  # policy == reference: −log σ(0)
+    from krea2.models.dit import DiT
+    from krea2.train.trainer import init_weights
+
+    torch.manual_seed(0)  # the stage's seed: the initial weights the trainer drew
+    start = init_weights(DiT("tiny-world")).state_dict()
+    out = load_dit(tmp_path / "run" / "final" / "model.safetensors").state_dict()
+    changed = [k for k in start if not torch.equal(start[k], out[k])]
+    assert changed and any(k.startswith("blocks.") for k in changed)
+
+
+@pytest.mark.slow
+def test_grpo_trains_the_world_model_on_checker_rewards(tmp_path):
+    recipe = parse_recipe({"name": "g", "model": {"init": "world"}, "stages": [
+        {"name": "rl", "steps": 2, "batch_size": 2, "lr": 1e-4, "warmup": 1, "log_every": 1, "save_every": 100,
+         "data": {"source": "prompts", "size": 32, "pool": 18},
+         "objective": {"name": "grpo", "group_size": 4, "sample_steps": 6,
+                       "rewards": {"world_rubric": 1.0, "world_strict": 0.5}}}]})
+    final = train_recipe(recipe, tmp_path / "run", progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "rl" / "losses.jsonl").read_text().splitlines()]
+    assert losses[0] == 0.0  # first update: every ratio is 1 and advantages sum to zero per group
+    base = load_dit(resolve_checkpoint("world").model_path, dtype=torch.float32).state_dict()
+    after = load_dit(final / "model.safetensors").state_dict()
+    assert any(not torch.equal(base[k], after[k]) for k in base)  # the rewards moved the policy
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(next((tmp_path / "run" / "tb" / "rl").iterdir())))
+    ea.Reload()
+    assert {"reward/world_rubric", "reward/world_strict", "grpo/kl", "grpo/clip_fraction"} <= set(ea.Tags()["scalars"])
+
+
+def test_grpo_config_errors():
+    with pytest.raises(Krea2Error, match="group_size must be >= 2"):
+        parse_recipe({"name": "g", "model": {"preset": "tiny-world"}, "stages": [
+            {"name": "rl", "steps": 1, "data": {"source": "prompts"}, "objective": {"name": "grpo", "group_size": 1}}]})
+    with pytest.raises(Krea2Error, match="unknown or empty"):
+        parse_recipe({"name": "g", "model": {"preset": "tiny-world"}, "stages": [
+            {"name": "rl", "steps": 1, "data": {"source": "prompts"},
+             "objective": {"name": "grpo", "rewards": {"aesthetics": 1.0}}}]})
