@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_trainer_contract import world_pairs
@@ -99,3 +100,23 @@ def test_grpo_config_errors():
         parse_recipe({"name": "g", "model": {"preset": "tiny-world"}, "stages": [
             {"name": "rl", "steps": 1, "data": {"source": "prompts"},
              "objective": {"name": "grpo", "rewards": {"aesthetics": 1.0}}}]})
+
+
+def test_sampled_pairs_from_a_model(tmp_path):
+    from krea2.models.checkpoint import save_random_checkpoint
+    from krea2.pipeline import load_pipeline
+    from krea2.train.data import read_pairs
+    from krea2.train.pairs import sample_pairs, write_sampled_pairs
+
+    ckpt = save_random_checkpoint(tmp_path / "rand", resolution=16)
+    pipe = load_pipeline(str(ckpt))
+    caps, winners, losers, metas = sample_pairs(pipe, 3, group_size=2, kind="offpolicy", progress=False)
+    # a random model fails every prompt: each ground-truth render beats the group's worst sample
+    assert len(caps) == 3 and all(m["kind"] == "offpolicy" and m["reward_w"] > m["reward_l"] for m in metas)
+    assert winners[0].shape == losers[0].shape == (16, 16, 3) and winners[0].dtype == np.uint8
+    with pytest.raises(Krea2Error, match="every group tied"):  # all-zero rewards: no on-policy preference
+        write_sampled_pairs(str(ckpt), tmp_path / "p.parquet", 2, group_size=2, kind="onpolicy", progress=False)
+    counts = write_sampled_pairs(str(ckpt), tmp_path / "q.parquet", 2, group_size=2, kind="both", progress=False)
+    assert counts["pairs"] == len(read_pairs(tmp_path / "q.parquet")) >= 2
+    with pytest.raises(Krea2Error, match="exists"):
+        write_sampled_pairs(str(ckpt), tmp_path / "q.parquet", 2, progress=False)

@@ -131,8 +131,27 @@ def merge(
     typer.echo(f"wrote a krea2 checkpoint folder to {path} ({method} of {len(checkpoints)} checkpoints)")
 
 
+def pairs(
+    out: Annotated[Path, typer.Option(help="The pairs file to write (.parquet); never overwritten.")],
+    checkpoint: Annotated[str, typer.Option(help="The model to sample (world or a checkpoint folder).")] = "world",
+    prompts: Annotated[int, typer.Option(min=1, help="World prompts (long captions of fresh scenes).")] = 200,
+    group: Annotated[int, typer.Option(min=2, help="Images per prompt; best and worst make a pair.")] = 4,
+    size: Annotated[int | None, typer.Option(min=8, help="Image side (default: the checkpoint's).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    kind: Annotated[str, typer.Option(help="onpolicy | offpolicy (ground-truth winner) | both")] = "onpolicy",
+    strict: Annotated[bool, typer.Option(help="Only pairs whose winner passes the checker and loser fails.")] = False,
+):
+    """Sample preference pairs from a model, judged by the world checker (for dpo / stpo stages)."""
+    from krea2.train.pairs import write_sampled_pairs
+
+    counts = write_sampled_pairs(checkpoint, out, prompts, group, size, seed, kind, strict)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in counts.items()))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(generate)
+    app.command()(pairs)
     app.command()(export)
     app.command()(merge)
     from krea2.data.curation.cli import app as curate_app

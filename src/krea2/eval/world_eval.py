@@ -80,6 +80,24 @@ def fid_to_world(images: Sequence, n_reference: int | None = None) -> float | No
         return None
 
 
+def high_frequency_energy(images: Sequence) -> float:
+    """Mean squared response of the 3x3 Laplacian over the images, pixel values in [0, 1]: the speckle and
+    fragment edges that preference optimisation drifts into raise it; world renders are flat regions with edges."""
+    arr = np.stack([checker.as_canvas(im) for im in images]).astype(np.float64) / 255.0
+    lap = (4 * arr[:, 1:-1, 1:-1] - arr[:, :-2, 1:-1] - arr[:, 2:, 1:-1] - arr[:, 1:-1, :-2] - arr[:, 1:-1, 2:])
+    return float(np.mean(lap**2))
+
+
+def hf_ratio_to_world(images: Sequence) -> float:
+    """high_frequency_energy of the images over that of fresh world renders of the same side (1 = as sharp-edged
+    as the ground truth; above 1: extra high-frequency energy)."""
+    from krea2.data.world import world_examples
+
+    side = checker.as_canvas(images[0]).shape[0]
+    ref = [ex.image for ex in world_examples(256, side, FID_REFERENCE_SEED)]
+    return high_frequency_energy(images) / high_frequency_energy(ref)
+
+
 def evaluate_pipeline(pipe, records: Sequence[dict], images_per_prompt: int = 1, seed: int = 0,
                       steps: int | None = None, guidance: float | None = None, size: int | None = None,
                       with_fid: bool = True) -> tuple[dict, list]:
@@ -105,7 +123,8 @@ def evaluate_pipeline(pipe, records: Sequence[dict], images_per_prompt: int = 1,
     t3 = time.perf_counter()
     for i, row in enumerate(rows):
         row["seed"] = seed + i
-    report = {**summary, "fid": fid, "n_prompts": len(records), "n_images": len(images),
+    report = {**summary, "fid": fid, "hf_ratio": round(hf_ratio_to_world(images), 4), "n_prompts": len(records),
+              "n_images": len(images),
               "settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps,
                            "guidance": guidance, "size": size},
               "seconds": {"generate": round(t1 - t0, 2), "check": round(t2 - t1, 2), "fid": round(t3 - t2, 2)},
@@ -127,5 +146,7 @@ def format_summary(report: dict) -> list[str]:
     lines = [f"{tag:14s} {acc:.3f}  ({report['counts'][tag]} images)" for tag, acc in report["per_tag"].items()]
     if report.get("fid") is not None:
         lines.append(f"{'fid':14s} {report['fid']:.2f}  (world encoder, vs world renders)")
+    if report.get("hf_ratio") is not None:
+        lines.append(f"{'hf_ratio':14s} {report['hf_ratio']:.3f}  (high-frequency energy / world renders')")
     lines.append(f"overall {report['overall']:.4f}")
     return lines

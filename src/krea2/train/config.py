@@ -68,9 +68,10 @@ class ModelSection:
 
 @dataclass
 class SamplingSection:
-    """`[sampling]`: the sampling preset and its overrides, stored in the output checkpoint's config."""
+    """`[sampling]`: the sampling preset and its overrides, stored in the output checkpoint's config; an empty
+    table with `[model] init` takes the init checkpoint's own sampling settings, else the raw preset."""
 
-    preset: str = "raw"
+    preset: str | None = None
     steps: int | None = None
     guidance: float | None = None
     mu: float | None = None
@@ -82,7 +83,7 @@ class SamplingSection:
     def __post_init__(self):
         from krea2.sampling import PRESETS
 
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown sampling preset {self.preset!r}; choose from {sorted(PRESETS)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -163,6 +164,15 @@ class Recipe:
     sample_prompts: list[str] = field(default_factory=list)
     stages: list[StageConfig] = field(default_factory=list)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def sampling_dict(self) -> dict:
+        """The sampling settings the stages use and the outputs record (see SamplingSection)."""
+        d = self.sampling.to_dict()
+        if not d and self.model.init is not None:
+            from krea2.models.checkpoint import resolve_checkpoint
+
+            return asdict(resolve_checkpoint(self.model.init).sampling)
+        return d
 
     def _init_encoder(self, kind: str, default: str) -> str:
         if self.model.init is None:

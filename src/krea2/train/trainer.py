@@ -96,7 +96,7 @@ class Context:
 
     @property
     def sampling(self):
-        return sampling_from_dict(self.recipe.sampling.to_dict())
+        return sampling_from_dict(self.recipe.sampling_dict())
 
 
 def stage_dir(ctx: Context, stage: StageConfig) -> Path:
@@ -106,7 +106,7 @@ def stage_dir(ctx: Context, stage: StageConfig) -> Path:
 def write_output(ctx: Context, cfg, path: Path, sd: dict, resolution: int = 32) -> Path:
     """A stage's output folder in the release format; replaces the folder an interrupted earlier run left."""
     config = {"model": cfg.to_dict(), "text_encoder": ctx.recipe.text_encoder,
-              "autoencoder": ctx.recipe.autoencoder, "sampling": ctx.recipe.sampling.to_dict(),
+              "autoencoder": ctx.recipe.autoencoder, "sampling": ctx.recipe.sampling_dict(),
               "resolution": resolution}
     return write_checkpoint(path, sd, config, dtype=torch.float32, overwrite=True)
 
