@@ -177,11 +177,49 @@ def test_later_stages_run_on_the_device_of_the_run(tmp_path, monkeypatch):
     ("stages.0.data.sourc=world", r"\[data\]: unknown key\(s\) \['sourc'\]"),
     ("parallel.tpp=2", r"\[parallel\]: unknown key\(s\) \['tpp'\]"),
     ("stages.0.grad_clip=nan", "grad_clip must be > 0"),
+    # values are typed too, not only keys
+    ("parallel.compile=no", "compile = 'no' is not a valid value; expected bool"),
+    ("stages.0.steps=2.5", "steps = 2.5 is not a valid value; expected int"),
+    ("stages.0.lr=true", "lr = True is not a valid value; expected float"),
+    ("stages.0.data.pool=2.5", "pool = 2.5 is not a valid value; expected int"),
+    ("sampling.guidance=abc", "guidance = 'abc' is not a valid value; expected float | None"),
+    ("stages.0.objective.irepa=yes", "irepa = 'yes' is not a valid value"),
+    ("stages.0.seed=-1", "seed, weight_decay, sample_every, pma_k and pma_every must be >= 0"),
+    ("stages.0.betas=[0.9,2.0]", "betas must be in \\[0, 1\\)"),
+    ("stages.0.pma_k=2", "pma_k needs pma_every >= 1"),
+    ("stages.0.name=final", "stage name 'final' must be"),
+    ("stages.0.name=../escape", "stage name '../escape' must be"),
+    ("model.init=world", "preset 'tiny-world' and init 'world' are both set"),
+    ("model.preset.x=1", "'x' is inside a value, not a table"),
 ])
 def test_unknown_or_bad_keys_are_one_line_errors(tmp_path, override, message):
     with pytest.raises(Krea2Error, match=message) as e:
         load_recipe(write_recipe(tmp_path), [override])
     assert "\n" not in str(e.value)
+
+
+def test_pma_span_is_checked_before_training(tmp_path):
+    with pytest.raises(Krea2Error, match="span more than the stage's 8 steps"):
+        load_recipe(write_recipe(tmp_path), ["stages.0.pma_k=2", "stages.0.pma_every=100"])
+
+
+def test_an_output_folder_belongs_to_one_recipe(tmp_path):
+    recipe_file = write_recipe(tmp_path, steps=2)
+    train_recipe(load_recipe(recipe_file), tmp_path / "r", progress=False)
+    before = (tmp_path / "r" / "recipe.json").read_text()
+    with pytest.raises(Krea2Error, match="holds a run of a different recipe \\(differs in stages.0.lr\\)"):
+        train_recipe(load_recipe(recipe_file, ["stages.0.lr=0.01"]), tmp_path / "r", progress=False)
+    with pytest.raises(Krea2Error, match="differs in stages.0.objective.irepa"):
+        train_recipe(load_recipe(recipe_file, ["stages.0.objective.irepa=true"]), tmp_path / "r", resume=True,
+                     progress=False)
+    assert (tmp_path / "r" / "recipe.json").read_text() == before  # nothing recorded for a refused run
+
+
+def test_init_with_other_encoders_is_a_one_line_error(tmp_path):
+    recipe = parse_recipe({"name": "x", "model": {"init": "world"}, "encoders": {"text": "minilm"},
+                           "stages": [{"name": "a", "steps": 1, "data": {"size": 32, "pool": 4}}]})
+    with pytest.raises(Krea2Error, match="takes 2 text layers x 384 .* but text encoder minilm gives 3 x 384"):
+        train_recipe(recipe, tmp_path / "r", progress=False)
 
 
 def test_validate_cli_reports_a_typo_without_a_traceback(tmp_path):

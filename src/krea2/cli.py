@@ -22,7 +22,7 @@ def _mount() -> None:
 def main() -> None:
     _mount()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except Krea2Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -37,6 +37,8 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(rc, int) and rc:  # click returns Ctrl-C's 130 instead of raising in this mode
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -361,8 +361,12 @@ def merge_checkpoints(folders: Sequence[str | Path], out: str | Path, weights: S
                          "(--overwrite)")
     inputs = [_read_weights(f) for f in folders]
     first_info, first_cfg, _ = inputs[0]
-    for spec, (_, cfg, _) in zip(folders[1:], inputs[1:], strict=True):
+    for spec, (info, cfg, _) in zip(folders[1:], inputs[1:], strict=True):
         _check_architecture(cfg, first_cfg, str(spec), str(folders[0]))
+        for kind in ("text_encoder", "autoencoder"):  # same shapes, different inputs: the soup would mean nothing
+            if getattr(info, kind) != getattr(first_info, kind):
+                raise Krea2Error(f"{spec} was trained with {kind} {getattr(info, kind)!r} but {folders[0]} with "
+                                 f"{getattr(first_info, kind)!r}; merge only checkpoints of the same encoders")
     base_sd = None
     if base is not None:
         _, base_cfg, base_sd = _read_weights(base)

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     single = typer.Typer(add_completion=False)
     single.command()(train)
     try:
-        single(args=argv, standalone_mode=False)
+        rc = single(args=argv, standalone_mode=False)
     except Krea2Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(rc, int) and rc:  # click returns Ctrl-C's 130 instead of raising in this mode
+        sys.exit(rc)

@@ -14,6 +14,7 @@ Every table is typed: an unknown key is a one-line error listing the known ones.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,8 @@ from krea2.train.parallel import ParallelConfig
 from krea2.train.schema import build
 
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # a stage's precision -> FSDP2's param_dtype
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RESERVED_NAMES = {"final", "cache", "tb", "recipe.json"}  # the run folder's own entries
 
 
 @dataclass
@@ -58,6 +61,9 @@ class ModelSection:
         if self.preset is not None and self.fields():
             raise ValueError(f"preset {self.preset!r} and architecture fields {sorted(self.fields())} are both set; "
                              "use one")
+        if self.preset is not None and self.init is not None:
+            raise ValueError(f"preset {self.preset!r} and init {self.init!r} are both set; init takes the checkpoint's "
+                             "architecture, so drop preset")
         if self.preset is None and self.init is None and not self.fields():
             raise ValueError("needs preset = NAME, init = CHECKPOINT or the official architecture fields")
 
@@ -128,8 +134,18 @@ class StageConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if not STAGE_NAME.fullmatch(self.name) or self.name in RESERVED_NAMES:
+            raise ValueError(f"stage name {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder) "
+                             f"and not one of {sorted(RESERVED_NAMES)}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.seed < 0 or self.weight_decay < 0 or self.sample_every < 0 or self.pma_k < 0 or self.pma_every < 0:
+            raise ValueError("seed, weight_decay, sample_every, pma_k and pma_every must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.pma_k and self.pma_k * self.pma_every > self.steps:
+            raise ValueError(f"pma_k x pma_every = {self.pma_k * self.pma_every} snapshots span more than the stage's "
+                             f"{self.steps} steps")
         if self.precision not in PRECISION_DTYPE:
             raise ValueError(f"precision {self.precision!r} must be fp32 or bf16")
         if self.guard not in {"skip", "rollback"}:
@@ -275,6 +291,8 @@ def _set_path(node, parts: list[str], value, item: str) -> None:
                     node[i] = value
         except (ValueError, IndexError):
             raise Krea2Error(f"override {item!r}: {head!r} is not a valid index (0..{len(node) - 1} or *)") from None
+    elif not isinstance(node, dict):
+        raise Krea2Error(f"override {item!r}: {head!r} is inside a value, not a table")
     elif rest:
         _set_path(node.setdefault(head, {}), rest, value, item)
     else:

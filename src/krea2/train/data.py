@@ -257,6 +257,12 @@ class ImagePool:
         second = {"pairs": "loser", "triplets": "reference"}.get(cfg.source)
         # size buckets: every batch is drawn from one image shape (resolution/aspect), picked per step
         shapes = sorted({ex.image.shape for ex in examples})
+        unit = autoencoder.compression * patch
+        bad = sorted({f"{h}x{w}" for h, w, _ in shapes if h % unit or w % unit})
+        if bad:
+            raise Krea2Error(f"data source {cfg.source}: image size(s) {bad} are not multiples of the token size "
+                             f"{unit} px; resize or crop them")
+        self.native = max(max(h, w) for h, w, _ in shapes)  # the side the stage's output is sampled at
         self.buckets = [torch.tensor([i for i, ex in enumerate(examples) if ex.image.shape == sh]) for sh in shapes]
         self.bucket_p = np.array([len(b) for b in self.buckets], dtype=np.float64) / len(examples)
         views = (lambda ex: [ex.image, ex.meta[second]]) if second else (lambda ex: [ex.image])

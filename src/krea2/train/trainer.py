@@ -111,12 +111,12 @@ def write_output(ctx: Context, cfg, path: Path, sd: dict, resolution: int = 32) 
     return write_checkpoint(path, sd, config, dtype=torch.float32, overwrite=True)
 
 
-def sample_grid(ctx: Context, model: DiT, stage: StageConfig, seed: int = 0):
+def sample_grid(ctx: Context, model: DiT, resolution: int, seed: int = 0):
     """Fixed prompts and seeds, so grids from successive steps are comparable."""
     prompts = ctx.recipe.sample_prompts or ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
     was_training = model.training
     model.eval()
-    pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, stage.data.native, ctx.dist.device)
+    pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, resolution, ctx.dist.device)
     images = pipe.generate(prompts, seed=seed)
     model.train(was_training)
     return image_grid(images, cols=min(len(images), 8))
@@ -271,6 +271,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
 
     data = build_data(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, cfg.patch,
                       cache_dir=ctx.out / "cache", progress=ctx.progress and main)
+    native = getattr(data, "native", stage.data.native)  # pools know their images' side; [data] size otherwise
     dp_rank, dp_size = parallel.dp_rank_and_size(ctx.mesh)
     writer = None
     if main:
@@ -338,7 +339,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
                         writer.add_scalar(k, float(v), done)
                 t_last, samples_seen = time.perf_counter(), 0
             if stage.sample_every and (done % stage.sample_every == 0 or done == stage.steps):
-                grid = sample_grid(ctx, model, stage)
+                grid = sample_grid(ctx, model, native)
                 (sdir / "samples").mkdir(exist_ok=True)
                 grid.save(sdir / "samples" / f"step_{done:07d}.png")
                 writer.add_image("samples", np.asarray(grid), done, dataformats="HWC")
@@ -361,7 +362,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     sd = ckpt.full_state_dict(model)
     shadows = mset.ema.shadows() if mset.ema is not None else None  # a collective: every rank gathers
     if main:
-        write_output(ctx, cfg, sdir / "last", sd, stage.data.native)
+        write_output(ctx, cfg, sdir / "last", sd, native)
         if stage.pma_k:
             from safetensors.torch import load_file
 
@@ -369,7 +370,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
             sd = merge_state_dicts([load_file(str(p)) for p in snaps])
         elif shadows is not None:
             sd = {**sd, **shadows}
-        write_output(ctx, cfg, final_dir, sd, stage.data.native)
+        write_output(ctx, cfg, final_dir, sd, native)
         writer.close()
     barrier()
     return load_dit(final_dir / "model.safetensors", cfg, dtype=torch.float32)
@@ -412,21 +413,56 @@ def initial_model(ctx: Context) -> DiT:
     return init_weights(DiT(recipe_model_config(ctx.recipe)))
 
 
+NEUTRAL_KEYS = {"steps", "save_every", "log_every", "sample_every"}  # may change between runs of one folder
+
+
+def recipe_differences(old, new, path: str = "") -> list[str]:
+    """Dotted keys where two recipe dicts differ, ignoring a stage's schedule-neutral keys (steps, save/log/sample
+    intervals): a longer or more often saved run continues the same one."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) if not (k in NEUTRAL_KEYS and ".stages." in f".{path}.")
+                for d in recipe_differences(old.get(k), new.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in recipe_differences(a, b, f"{path}.{i}")]
+    return [] if old == new else [path]
+
+
+def check_same_recipe(file: Path, recorded: dict) -> None:
+    """An output folder belongs to one recipe: another one must not continue it or be taken for done there."""
+    if not file.is_file():
+        return
+    diff = recipe_differences(json.loads(file.read_text()), recorded)
+    if diff:
+        raise Krea2Error(f"{file.parent} holds a run of a different recipe (differs in {', '.join(diff[:5])}); "
+                         "choose another --out, or restore those settings to continue it")
+
+
 def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Run every stage in order; each starts from the previous stage's output. Returns <out>/final."""
     from krea2.models.autoencoders import load_autoencoder
     from krea2.models.text_encoders import load_text_encoder
 
     out = Path(out)
-    dist = parallel.init_distributed()
+    dist = parallel.init_distributed(recipe.parallel.timeout_s)
     mesh = parallel.build_mesh(recipe.parallel.resolve(dist.world_size), dist.world_size) if dist.world_size > 1 \
         else None
+    recorded = json.loads(json.dumps(recipe.to_dict(), default=str))
+    check_same_recipe(out / "recipe.json", recorded)
+    barrier()  # every rank compared before rank 0 records the recipe
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str) + "\n")
+        tmp = out / "recipe.json.tmp"
+        tmp.write_text(json.dumps(recorded, indent=1) + "\n")
+        tmp.replace(out / "recipe.json")
     ctx = Context(recipe, out, load_text_encoder(recipe.text_encoder, device=dist.device),
                   load_autoencoder(recipe.autoencoder, device=dist.device), dist, mesh, progress)
     model = initial_model(ctx).to(dist.device)
+    te, ae, cfg = ctx.text_encoder, ctx.autoencoder, model.cfg
+    if (te.n_layers, te.dim) != (cfg.txtlayers, cfg.txtdim) or ae.channels != cfg.channels:
+        raise Krea2Error(f"the model takes {cfg.txtlayers} text layers x {cfg.txtdim} and {cfg.channels} channels, but "
+                         f"text encoder {recipe.text_encoder} gives {te.n_layers} x {te.dim} and autoencoder "
+                         f"{recipe.autoencoder} {ae.channels}; set [encoders] to the model's (or leave it out with "
+                         "init to use the checkpoint's)")
     for stage in recipe.stages:
         final = stage_dir(ctx, stage) / "final"
         if (final / "model.safetensors").is_file() and (final / "config.json").is_file():
@@ -464,8 +500,8 @@ def validate_recipe(recipe: Recipe) -> str:
         if DATA_KINDS[s.data.source] != objective.data_kind:
             raise Krea2Error(f"stage {s.name}: objective {objective.name} reads {objective.data_kind} but data "
                              f"source {s.data.source} gives {DATA_KINDS[s.data.source]}")
-        try:
-            s.objective.check(cfg)
+        try:  # the objective's own checks against the architecture, where it has any
+            getattr(s.objective, "check", lambda model, steps: None)(cfg, s.steps)
         except ValueError as e:
             raise Krea2Error(f"stage {s.name}: {e}") from None
         s.parallel(recipe.parallel)

@@ -15,19 +15,27 @@ from krea2.train.objectives.stpo import STPO
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (FlowMatching, DiffusionDPO, STPO, FlowGRPO)}
 
 
-def get_objective(name: str) -> type[Objective]:
+def get_objective(name: str, where: str = "") -> type[Objective]:
     if name not in OBJECTIVES:
-        raise Krea2Error(f"objective {name!r} unknown; available: {sorted(OBJECTIVES)}")
+        raise Krea2Error(f"{where + ': ' if where else ''}objective {name!r} unknown; available: {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 
 def build_objective_config(table: dict | None, where: str):
-    """The objective's own Config from its recipe table (default: flow)."""
+    """The objective's own Config from its recipe table (default: flow). `name` picks the class; a Config that has no
+    `name` field of its own does not receive it (the trainer reads the name from the class)."""
+    from dataclasses import fields
+
     from krea2.train.schema import build
 
     table = dict(table or {})
-    cls = get_objective(table.get("name", "flow"))
-    return build(cls.Config, table, where)
+    cls = get_objective(table.get("name", "flow"), where)
+    if "name" not in {f.name for f in fields(cls.Config)}:
+        table.pop("name", None)
+    cfg = build(cls.Config, table, where)
+    if not hasattr(cfg, "name"):
+        object.__setattr__(cfg, "name", cls.name)
+    return cfg
 
 
 __all__ = ["OBJECTIVES", "LossObjective", "Objective", "ObjectiveEnv", "Role", "build_objective_config",

@@ -88,7 +88,13 @@ class Models:
 
 class Objective(nn.Module):
     """Base class. Subclasses set `Config` (their own dataclass: the `[stages.objective]` table), `name`, and may
-    set `roles`, `data_kind` and `guard_metric` (the metric the spike guard judges; it must be in step's output)."""
+    set `roles`, `data_kind` and `guard_metric` (the metric the spike guard judges; it must be in step's output).
+
+    The Config's fields are typed (checked like every recipe table); it may have a `name` field (it then records
+    the name), an `irepa: IREPAConfig | bool | None` field (subclass `flow.Denoising` to use the term), and a
+    `check(model_cfg, steps)` method raising ValueError for settings that do not fit the architecture (run by
+    `krea2 train --validate`). Register a new objective by adding it to `krea2.train.objectives.OBJECTIVES`
+    (a plugin module imported before `train_recipe`, or a patch to the registry)."""
 
     Config: ClassVar[type]
     name: ClassVar[str]

@@ -30,11 +30,9 @@ class DPOConfig(TimestepConfig):
     beta: float = 2000.0  # > 0: strength of the preference against the KL to the reference
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-
-    def check(self, model) -> None:
-        pass
 
 
 def dpo_loss(err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> tuple[Tensor, dict]:

@@ -45,6 +45,10 @@ class TimestepConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
+    def __post_init__(self):
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+
 
 @dataclass
 class FlowConfig(TimestepConfig):
@@ -52,11 +56,12 @@ class FlowConfig(TimestepConfig):
     irepa: IREPAConfig | bool | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         self.irepa = IREPAConfig() if self.irepa is True else (self.irepa or None)
 
-    def check(self, model) -> None:
+    def check(self, model, steps: int | None = None) -> None:
         if self.irepa is not None:
-            self.irepa.check(model.layers)
+            self.irepa.check(model.layers, steps)
 
 
 class Denoising(LossObjective):

@@ -52,9 +52,6 @@ class GRPOConfig:
         if unknown or not self.rewards:
             raise ValueError(f"rewards {unknown or '{}'} unknown or empty; known: {sorted(REWARDS)}")
 
-    def check(self, model) -> None:
-        pass
-
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
     """(B·G,) rewards, consecutive groups of G -> advantages (B·G,) normalised within each group: zero mean per

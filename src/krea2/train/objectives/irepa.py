@@ -70,9 +70,13 @@ class IREPAConfig:
         if self.until < 0 or self.layer < 1 or not self.weight >= 0 or not 0 <= self.gamma <= 1:
             raise ValueError("irepa needs until >= 0, layer >= 1, weight >= 0 and gamma in [0, 1]")
 
-    def check(self, layers: int) -> None:
+    def check(self, layers: int, steps: int | None = None) -> None:
         if self.layer > layers:
             raise ValueError(f"irepa layer {self.layer} is outside 1..{layers}")
+        if steps is not None and self.until > steps:
+            raise ValueError(f"irepa until = {self.until} is past the stage's {steps} steps")
+        if self.teacher != "world" and not self.teacher.startswith("hf:"):
+            raise ValueError(f"irepa teacher {self.teacher!r} unknown; use world or hf:PATH")
 
 
 def load_teacher(spec: str) -> nn.Module:
