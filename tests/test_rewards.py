@@ -95,11 +95,29 @@ def test_rubric_is_one_exactly_when_strict_passes():
 
 
 def test_registry_names_and_errors():
-    assert set(REWARDS) == {"world_rubric", "world_strict"}
-    with pytest.raises(Krea2Error, match="unknown reward 'aesthetic'.*world_rubric.*world_strict") as e:
+    assert set(REWARDS) == {"world_rubric", "world_strict", "world_artifacts"}
+    with pytest.raises(Krea2Error, match="unknown reward 'aesthetic'.*world_artifacts.*world_rubric.*world_strict") as e:
         get_reward("aesthetic")
     assert "\n" not in str(e.value)
     with pytest.raises(Krea2Error, match="one record per image"):
         world_strict(torch.zeros(2, 3, 32, 32), [{"objects": [{"shape": "circle"}]}])
     with pytest.raises(Krea2Error, match=r"\(B, 3, H, W\)"):
         world_rubric(torch.zeros(2, 32, 32), [{"objects": [{"shape": "circle"}]}] * 2)
+
+
+def test_artifact_reward_counts_fragments_and_broken_shapes():
+    import numpy as np
+
+    from krea2.data.world import world_examples
+    from krea2.rewards import get_reward
+
+    exs = list(world_examples(48, 32, 3))
+    ims = torch.from_numpy(np.stack([e.image for e in exs])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recs = [e.meta["scene"] for e in exs]
+    reward = get_reward("world_artifacts")
+    assert reward(ims, recs).mean() > 0.95  # ground truth is clean (the checker's rare misreads aside)
+    noisy = (ims + torch.randn(ims.shape, generator=torch.Generator().manual_seed(0)) * 0.3).clamp(-1, 1)
+    assert reward(noisy, recs).mean() < 0.3  # speckle breaks into fragments
+    one = [{"objects": [{"shape": "circle"}]}]
+    two_objects = next(i for i, r in enumerate(recs) if len(r["objects"]) == 2)
+    assert reward(ims[two_objects:two_objects + 1], one).item() == 0.5  # one object more than asked

@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from krea2.errors import Krea2Error
-from krea2.rewards.world import requirement_results, world_rubric, world_strict
+from krea2.rewards.world import requirement_results, world_artifacts, world_rubric, world_strict
 
 Reward = Callable[[Tensor, Sequence[dict]], Tensor]
 
 REWARDS: dict[str, Reward] = {
     "world_rubric": world_rubric,
     "world_strict": world_strict,
+    "world_artifacts": world_artifacts,
 }
 
 
@@ -27,4 +28,5 @@ def get_reward(name: str) -> Reward:
     return REWARDS[name]
 
 
-__all__ = ["REWARDS", "Reward", "get_reward", "requirement_results", "world_rubric", "world_strict"]
+__all__ = ["REWARDS", "Reward", "get_reward", "requirement_results", "world_artifacts", "world_rubric",
+           "world_strict"]

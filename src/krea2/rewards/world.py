@@ -131,3 +131,23 @@ def world_strict(images: Tensor, records: Sequence[dict]) -> Tensor:
     canvases = _check_batch(images, records)
     passed = [float(checker.matches(checker.detect(img), rec)) for img, rec in zip(canvases, records)]
     return torch.tensor(passed, dtype=torch.float32, device=images.device)
+
+
+def world_artifacts(images: Tensor, records: Sequence[dict]) -> Tensor:
+    """1 for a clean image; lower for stray fragments and broken shapes, whatever the prompt asked.
+
+    score = 1 / (1 + extra + broken), where extra is the number of detected objects beyond those the record asks for
+    (fragments the checker takes for objects) and broken the number of detected objects no shape template fits.
+    Pixel speckle is not scored separately: the grainy style is speckle by design, and speckle dense enough to matter
+    forms fragments. images (B, 3, H, W) in [-1, 1]; returns (B,) float32 in (0, 1] on images' device; ground-truth
+    renders score 1.
+    """
+    canvases = _check_batch(images, records)
+    scores = []
+    for img, rec in zip(canvases, records):
+        det = checker.detect(img)
+        wanted = sum(o.get("count", 1) for o in rec["objects"])
+        extra = max(0, len(det.objects) - wanted)
+        broken = sum(o.shape == "unknown" for o in det.objects)
+        scores.append(1.0 / (1 + extra + broken))
+    return torch.tensor(scores, dtype=torch.float32, device=images.device)
