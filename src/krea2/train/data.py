@@ -46,6 +46,7 @@ class DataConfig:
     styles: list[str] | None = None
     backgrounds: list[str] | None = None
     sizes: list[str] | None = None  # object sizes, e.g. ["large"] for an early curriculum
+    tags: list[str] | None = None  # world: scenes of these prompt families only (an SFT domain), checker-verified
     path: str = ""  # rows: the exported Parquet folder; pairs: a Parquet file or folder; prompts: a JSONL (optional)
     captions: dict[str, float] = field(default_factory=lambda: {"long": 0.7, "medium": 0.2, "short": 0.1})
     caption_dropout: float = 0.1  # replaced by the empty-prompt encoding, never zeros
@@ -67,6 +68,13 @@ class DataConfig:
             raise ValueError(f"data source {self.source} needs path = the Parquet file or folder")
         if not self.resolutions or any(not isinstance(r, int) or r < 1 for r in self.resolutions):
             raise ValueError(f"size must be a positive integer or a list of them, got {self.size!r}")
+        if self.tags is not None:
+            from krea2.data.world import TAGS
+
+            unknown = sorted(set(self.tags) - set(TAGS))
+            if unknown or not self.tags or self.source != "world":
+                raise ValueError(f"tags {unknown or self.tags} must be a non-empty list of {list(TAGS)} for source "
+                                 "world")
         if self.pool < 1:
             raise ValueError(f"pool must be >= 1, got {self.pool}")
         if not 0 <= self.caption_dropout < 1:
@@ -209,6 +217,9 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
     """The stage's pool. World/emoji: `pool` examples split over the square sizes of `size`; pairs: the file's
     pairs (the loser image in meta["loser"])."""
     sizes = cfg.resolutions
+    if cfg.source == "world" and cfg.tags:
+        return [ex for k, side in enumerate(sizes) for ex in domain_examples(cfg.pool // len(sizes), side, seed + k,
+                                                                            cfg.tags)]
     if cfg.source == "world":
         from krea2.data.world import world_examples
 
@@ -226,6 +237,27 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
             cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, styles=cfg.styles,
             backgrounds=cfg.backgrounds, sizes=cfg.sizes)]
     raise Krea2Error(f"data source {cfg.source!r} is not a pool")
+
+
+def domain_examples(n: int, size: int, seed: int, tags: list[str]) -> list[Example]:
+    """n world renders of scenes suited to the prompt families `tags` (in turn), each kept only if the exact checker
+    passes it for its family's prompt (a curated SFT set: counting, relations, styles, ...). Captions: the long
+    caption (every attribute) and, as "short", the family's prompt for the scene."""
+    from krea2.data.world import captions, render, sample_scene_for_tag, scene_to_prompt_record, scene_to_record
+    from krea2.eval import checker
+
+    rng = np.random.default_rng([seed, 2])
+    out: list[Example] = []
+    while len(out) < n:
+        tag = tags[len(out) % len(tags)]
+        scene = sample_scene_for_tag(rng, tag)
+        record = scene_to_prompt_record(scene, tag, rng)
+        image = render(scene, size, int(rng.integers(2**31)))
+        if checker.matches(checker.detect(image), record):
+            caps = captions(scene, rng)
+            out.append(Example(image, {"long": caps["long"], "medium": caps["medium"], "short": record["prompt"]},
+                               {"scene": scene_to_record(scene), "tag": tag, "record": record}))
+    return out
 
 
 def world_triplets(n: int, size: int, seed: int, **sample_kwargs) -> list[Example]:
