@@ -120,3 +120,25 @@ def test_sampled_pairs_from_a_model(tmp_path):
     assert counts["pairs"] == len(read_pairs(tmp_path / "q.parquet")) >= 2
     with pytest.raises(Krea2Error, match="exists"):
         write_sampled_pairs(str(ckpt), tmp_path / "q.parquet", 2, progress=False)
+
+
+class _Ctx:
+    device = torch.device("cpu")
+
+    def all_gather(self, x):
+        return x
+
+
+def test_prompt_pool_statistics_deprioritise_easy_failing_and_flat_prompts():
+    from krea2.sampling import PRESETS
+    from krea2.train.objectives.base import ObjectiveEnv
+    from krea2.train.objectives.grpo import FlowGRPO, GRPOConfig
+
+    env = ObjectiveEnv(__import__("krea2.models.dit", fromlist=["x"]).get_config("tiny-world"), PRESETS["raw"], 2, 10,
+                       data_size=5)
+    obj = FlowGRPO(GRPOConfig(group_size=2, min_visits=2), env)
+    assert torch.equal(obj.batch_weights(), torch.ones(5))
+    for _ in range(2):  # prompt 0 always solved, 1 always failed, 2 flat at 0.5, 3 informative; 4 never drawn
+        obj.update_prompt_stats([0, 1, 2, 3], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.2, 0.8]), _Ctx())
+    assert torch.allclose(obj.batch_weights(), torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0]))
+    assert set(dict(obj.named_buffers())) == {"prompt_visits", "prompt_reward", "prompt_spread"}  # in the state

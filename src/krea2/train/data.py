@@ -128,6 +128,7 @@ class PromptBatch:
     txtmask: Tensor  # (B, Lt)
     prompts: list[str]
     records: list[dict]  # what rewards check (world scene records), one per prompt
+    indices: list[int]  # each prompt's index in the pool (per-prompt statistics)
     gh: int  # the token grid to sample
     gw: int
     height: int  # pixels
@@ -481,17 +482,23 @@ class PromptPool:
     def __len__(self) -> int:
         return len(self.records)
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu") -> PromptBatch:
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
+              weights: Tensor | None = None) -> PromptBatch:
+        """The global batch of `step` (this rank's slice); `weights` (pool,) >= 0 bias which prompts are drawn."""
         part = rank_part(batch_size, rank, world)
         rng = np.random.default_rng([self.seed, step])
         side = int(rng.choice(self.cfg.resolutions))
-        idx = rng.integers(len(self.records), size=batch_size)[part].tolist()
+        if weights is None:
+            idx = rng.integers(len(self.records), size=batch_size)[part].tolist()
+        else:
+            p = weights.double().cpu().numpy()
+            idx = rng.choice(len(self.records), size=batch_size, p=p / p.sum())[part].tolist()
         records = [self.records[i] for i in idx]
         context, txtmask = pad_rows([self.text[r["prompt"]] for r in records], multiple=TEXT_PAD,
                                     dtype=torch.float32)
         g = side // self.pixels_per_token
-        return PromptBatch(context.to(device), txtmask.to(device), [r["prompt"] for r in records], records, g, g,
-                           side, side)
+        return PromptBatch(context.to(device), txtmask.to(device), [r["prompt"] for r in records], records, idx, g,
+                           g, side, side)
 
 
 def build_data(cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int, cache_dir=None,

@@ -203,8 +203,8 @@ def build_optimizers(objective, models, stage: StageConfig) -> tuple[dict, dict]
     return optimizers, specs
 
 
-def objective_env(ctx: Context, cfg, stage: StageConfig) -> ObjectiveEnv:
-    return ObjectiveEnv(cfg, ctx.sampling, ctx.autoencoder.compression * cfg.patch, stage.steps)
+def objective_env(ctx: Context, cfg, stage: StageConfig, data_size: int | None = None) -> ObjectiveEnv:
+    return ObjectiveEnv(cfg, ctx.sampling, ctx.autoencoder.compression * cfg.patch, stage.steps, data_size)
 
 
 @dataclass
@@ -221,14 +221,14 @@ class StageRuntime:
         return [self.optimizers[k] for k in sorted(self.optimizers)]
 
 
-def build_stage(ctx: Context, stage: StageConfig, init: DiT) -> StageRuntime:
+def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | None = None) -> StageRuntime:
     """The objective by name, the model set (placed and parallelised) and one AdamW per declared optimiser."""
     cfg = init.cfg
     objective_cls = get_objective(stage.objective.name)
     if DATA_KINDS[stage.data.source] != objective_cls.data_kind:
         raise Krea2Error(f"stage {stage.name}: objective {objective_cls.name} reads {objective_cls.data_kind} but "
                          f"data source {stage.data.source} gives {DATA_KINDS[stage.data.source]}")
-    objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage))
+    objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage, data_size))
     pcfg = stage.parallel(ctx.recipe.parallel)
     parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
     mset = build_model_set(init, objective, ctx.dist.device, ctx.mesh,
@@ -256,7 +256,9 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
                          f"{ctx.autoencoder.channels}")
     if state_dir.exists() and not resume:
         raise Krea2Error(f"{sdir} already holds a run; pass --resume to continue it or choose another --out")
-    rt = build_stage(ctx, stage, init)
+    data = build_data(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, cfg.patch,
+                      cache_dir=ctx.out / "cache", progress=ctx.progress and main)
+    rt = build_stage(ctx, stage, init, len(data))
     model, mset, tctx, opt_list = rt.mset.policy, rt.mset, rt.tctx, rt.opt_list
     objective = rt.objective
 
@@ -269,8 +271,6 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         if main:
             print(f"[{stage.name}] resuming at step {start}")
 
-    data = build_data(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, cfg.patch,
-                      cache_dir=ctx.out / "cache", progress=ctx.progress and main)
     native = getattr(data, "native", stage.data.native)  # pools know their images' side; [data] size otherwise
     dp_rank, dp_size = parallel.dp_rank_and_size(ctx.mesh)
     writer = None
@@ -295,7 +295,9 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         if ctx.dist.world_size > 1 else None
     for step in range(start, stage.steps):
         t_step = time.perf_counter()
-        batch = data.batch(step, stage.batch_size, dp_rank, dp_size, device=ctx.dist.device)
+        weights = objective.batch_weights()
+        batch = data.batch(step, stage.batch_size, dp_rank, dp_size, device=ctx.dist.device,
+                           **({} if weights is None else {"weights": weights}))
         generator = torch.Generator(device=ctx.dist.device).manual_seed(hash((stage.seed, step, dp_rank)) % 2**63)
         metrics = train_step(rt, batch, step, generator)
         loss_value = parallel.all_reduce_mean(metrics["loss"])

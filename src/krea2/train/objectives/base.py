@@ -45,6 +45,7 @@ class ObjectiveEnv:
     sampling: SamplingConfig
     pixels_per_token: int  # autoencoder compression x patch: image pixels per token side
     stage_steps: int
+    data_size: int | None = None  # examples in the stage's data source, where it has a fixed pool
 
 
 @dataclass
@@ -105,6 +106,11 @@ class Objective(nn.Module):
     def __init__(self, cfg, env: ObjectiveEnv):
         super().__init__()
         self.cfg, self.env = cfg, env
+
+    def batch_weights(self) -> Tensor | None:
+        """Sampling weights over the data source's pool for the next batch (None: uniform). Must be the same on
+        every rank and a function of the objective's saved state, so resume stays exact."""
+        return None
 
     def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
         """One optimiser named "policy" over the policy's trainable parameters and this objective's own."""

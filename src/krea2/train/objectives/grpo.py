@@ -38,6 +38,13 @@ class GRPOConfig:
     inner_epochs: int = 1  # policy updates per rollout batch
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip
     rewards: dict[str, float] = field(default_factory=lambda: {"world_rubric": 1.0})
+    # the prompt pool as resource allocation: prompts the first reward finds too easy, always failing, or whose
+    # group carries no signal (all rewards equal) are drawn `deprioritize` times as often once seen min_visits times
+    prompt_stats: bool = True
+    easy: float = 0.95
+    hard: float = 0.05
+    deprioritize: float = 0.1
+    min_visits: int = 2
 
     def __post_init__(self):
         from krea2.rewards import REWARDS
@@ -48,6 +55,8 @@ class GRPOConfig:
             raise ValueError("sample_steps and inner_epochs must be >= 1")
         if not self.eta > 0 or not self.clip_range > 0 or not self.kl_beta >= 0 or not 0 < self.train_fraction <= 1:
             raise ValueError("needs eta > 0, clip_range > 0, kl_beta >= 0 and train_fraction in (0, 1]")
+        if not 0 < self.deprioritize <= 1 or self.min_visits < 1 or not 0 <= self.hard < self.easy <= 1:
+            raise ValueError("needs deprioritize in (0, 1], min_visits >= 1 and 0 <= hard < easy <= 1")
         unknown = sorted(set(self.rewards) - set(REWARDS))
         if unknown or not self.rewards:
             raise ValueError(f"rewards {unknown or '{}'} unknown or empty; known: {sorted(REWARDS)}")
@@ -82,6 +91,40 @@ class FlowGRPO(Objective):
         from krea2.rewards import get_reward
 
         self.reward_fns = {name: get_reward(name) for name in cfg.rewards}
+        # per-prompt statistics of the first reward: buffers, so they ride in the training state (exact resume)
+        n = env.data_size if cfg.prompt_stats and env.data_size else 0
+        self.register_buffer("prompt_visits", torch.zeros(n))
+        self.register_buffer("prompt_reward", torch.zeros(n))
+        self.register_buffer("prompt_spread", torch.zeros(n))
+
+    def flagged(self) -> Tensor:
+        """(pool,) bool: prompts seen min_visits times that are too easy, always failing or without signal."""
+        seen = self.prompt_visits >= self.cfg.min_visits
+        r = self.prompt_reward
+        return seen & ((r >= self.cfg.easy) | (r <= self.cfg.hard) | (self.prompt_spread == 0))
+
+    def batch_weights(self) -> Tensor | None:
+        if not len(self.prompt_visits):
+            return None
+        return torch.where(self.flagged(), self.cfg.deprioritize, 1.0).cpu()
+
+    @torch.no_grad()
+    def update_prompt_stats(self, indices: list[int], rewards: Tensor, ctx) -> dict:
+        """Fold each group's mean and spread of the first reward into its prompt's statistics (EMA 0.5), with the
+        groups of every rank, so all ranks keep the same statistics and draw the same weighted batches."""
+        if not len(self.prompt_visits):
+            return {}
+        groups = rewards.float().view(-1, self.cfg.group_size)
+        local = torch.stack([torch.tensor(indices, dtype=torch.float32), groups.mean(1), groups.std(1)], dim=1)
+        for i, mean, spread in ctx.all_gather(local.to(ctx.device)).cpu().tolist():
+            i = int(i)
+            first = self.prompt_visits[i] == 0
+            self.prompt_reward[i] = mean if first else 0.5 * self.prompt_reward[i] + 0.5 * mean
+            self.prompt_spread[i] = spread
+            self.prompt_visits[i] += 1
+        seen = self.prompt_visits > 0
+        return {"grpo/pool_seen": seen.float().mean(),
+                "grpo/pool_deprioritized": self.flagged().float().sum() / seen.float().sum().clamp_min(1)}
 
     def schedule(self, n_tokens: int) -> Tensor:
         s = self.env.sampling
@@ -89,14 +132,15 @@ class FlowGRPO(Objective):
                              minres=s.minres, maxres=s.maxres)
         return schedule(n_tokens, cfg, self.env.pixels_per_token)
 
-    def rewards(self, images: Tensor, records: list[dict]) -> tuple[Tensor, dict]:
-        """Weighted sum of per-group normalised rewards (B·G,), and each reward's batch mean."""
-        adv, means = torch.zeros(len(records)), {}
+    def rewards(self, images: Tensor, records: list[dict]) -> tuple[Tensor, dict, Tensor]:
+        """Weighted sum of per-group normalised rewards (B·G,), each reward's batch mean, and the first reward."""
+        adv, means, first = torch.zeros(len(records)), {}, None
         for name, weight in self.cfg.rewards.items():
             r = self.reward_fns[name](images, records).float().cpu()
+            first = r if first is None else first
             means[f"reward/{name}"] = r.mean()
             adv += weight * group_advantages(r, self.cfg.group_size)
-        return adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip), means
+        return adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip), means, first
 
     def step(self, models: Models, batch: PromptBatch, step: int, generator: torch.Generator, ctx) -> dict:
         G, policy = self.cfg.group_size, models.policy
@@ -110,7 +154,8 @@ class FlowGRPO(Objective):
             roll = sample(policy, x, ts, cond, None, 0.0, step="sde", eta=self.cfg.eta, generator=generator,
                           trajectory=True)
         images = ctx.decode(roll.x, batch.gh, batch.gw)
-        advantages, metrics = self.rewards(images, records)
+        advantages, metrics, first = self.rewards(images, records)
+        metrics.update(self.update_prompt_stats(batch.indices, first, ctx))
         advantages = advantages.to(ctx.device)
         K = len(ts) - 1
         n_train = max(1, math.ceil(self.cfg.train_fraction * K))
