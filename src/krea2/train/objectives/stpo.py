@@ -14,7 +14,11 @@ auxiliary loss and changes the DPO formulation; the formula is not published. Ou
 3. A trust region at small t: γ · ‖v_θ − v_ref‖² on the winner for t < t_trust, where the fine, high-frequency
    detail is decided; DPO's drift shows up there first.
 
-    loss = −log σ(−β/2 · (Δw − λ·Δl)) + α · err_w + γ · 1[t < t_trust] · ‖v_θ(x_t^w) − v_ref(x_t^w)‖²
+    loss = −log σ(−β/2 · (Δw − λ·Δl)) + β/2 · (α · err_w + γ · 1[t < t_trust] · ‖v_θ(x_t^w) − v_ref(x_t^w)‖²)
+
+The auxiliary terms are scaled by β/2, the DPO term's own pull on an error (its gradient with respect to Δw is
+β/2·σ(−logit) ≤ β/2), so α and γ are relative weights: α = 1 pulls the winner's error down as hard as a DPO term
+that is still far from saturated. Unscaled, they are thousands of times weaker than the DPO term and change nothing.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from krea2.train.objectives.flow import velocity_error
 @dataclass
 class STPOConfig(DPOConfig):
     name: str = "stpo"
-    anchor: float = 1.0  # α: weight of the winner's flow-matching error
-    trust: float = 1.0  # γ: weight of the small-t trust region to the reference
+    anchor: float = 0.5  # α: weight of the winner's flow-matching error, relative to the DPO term (× β/2)
+    trust: float = 1.0  # γ: weight of the small-t trust region to the reference, relative to the DPO term (× β/2)
     trust_t: float = 0.3  # t_trust: timesteps below this (near the data) are held to the reference
     scale_loser: bool = True  # Diffusion-SDPO's winner-preserving λ; False keeps λ = 1
 
@@ -80,7 +84,7 @@ class STPO(DiffusionDPO):
         anchor = err[:B].mean()
         near_data = (t < self.cfg.trust_t).float()
         trust = ((v[:B].float() - v_ref[:B].float()).square().flatten(1).mean(1) * near_data).mean()
-        loss = dpo + self.cfg.anchor * anchor + self.cfg.trust * trust
+        loss = dpo + 0.5 * self.cfg.beta * (self.cfg.anchor * anchor + self.cfg.trust * trust)
         metrics = {"loss/dpo": dpo.detach(), "loss/anchor": anchor.detach(), "loss/trust": trust.detach(),
                    "dpo/accuracy": (logits > 0).float().mean().detach(), "dpo/margin": logits.mean().detach(),
                    "dpo/winner_vs_ref": dw.mean().detach(), "dpo/loser_vs_ref": dl.mean().detach(),
