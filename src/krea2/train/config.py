@@ -21,6 +21,7 @@ from pathlib import Path
 
 from krea2.errors import Krea2Error
 from krea2.train.data import DataConfig
+from krea2.train.lora import LoRAConfig
 from krea2.train.objectives import build_objective_config
 from krea2.train.objectives.flow import FlowConfig
 from krea2.train.parallel import ParallelConfig
@@ -131,6 +132,7 @@ class StageConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     objective: object = field(default_factory=FlowConfig)  # the objective's own Config (see objectives.OBJECTIVES)
+    lora: LoRAConfig | None = None  # [stages.lora]: train peft adapters on a frozen policy (train/lora.py)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

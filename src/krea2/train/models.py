@@ -124,7 +124,11 @@ def build_model_set(policy: nn.Module, objective: Objective, device: torch.devic
         shard_objective(objective, mesh, pcfg)
     models = Models(dits.pop("policy"), dits)
     ema = EMA(models.policy, ema_decay) if ema_decay else None
-    state = nn.ModuleDict({"dit": models.policy, "objective": objective})
+    # with adapters, the training state holds them alone: the frozen base is rebuilt from the stage's init
+    from krea2.train.lora import adapter_modules, is_lora_model
+
+    state = nn.ModuleDict({"dit": adapter_modules(models.policy) if is_lora_model(models.policy) else models.policy,
+                           "objective": objective})
     for name, m in models.roles.items():
         if objective.roles[name].trainable:
             state[name] = m

@@ -39,6 +39,7 @@ from krea2.train.config import Recipe, StageConfig
 from krea2.train.data import DATA_KINDS, build_data, token_count
 from krea2.train.guard import GuardConfig, SpikeGuard
 from krea2.train.health import HealthConfig, HealthMonitor, dit_train_flops, peak_flops
+from krea2.train.lora import fold_lora, lora_transform, save_adapters
 from krea2.train.models import build_model_set
 from krea2.train.objectives import ObjectiveEnv, get_objective
 from krea2.train.watchdog import Watchdog
@@ -231,8 +232,14 @@ def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | No
     objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage, data_size))
     pcfg = stage.parallel(ctx.recipe.parallel)
     parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
+    transforms = []
+    if stage.lora is not None:
+        if pcfg.tp > 1:
+            raise Krea2Error(f"stage {stage.name}: LoRA with tensor parallel (tp={pcfg.tp}) is not supported; use "
+                             "data parallel (dp_shard) for adapter training")
+        transforms.append(lora_transform(stage.lora))
     mset = build_model_set(init, objective, ctx.dist.device, ctx.mesh,
-                           pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema)
+                           pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema, transforms)
     optimizers, specs = build_optimizers(objective, mset.models, stage)
     return StageRuntime(objective, mset, optimizers,
                         TrainerContext(stage, optimizers, specs, mset.ema, mset.policy, ctx.dist.device,
@@ -364,7 +371,8 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     sd = ckpt.full_state_dict(model)
     shadows = mset.ema.shadows() if mset.ema is not None else None  # a collective: every rank gathers
     if main:
-        write_output(ctx, cfg, sdir / "last", sd, native)
+        release = (lambda d: fold_lora(d, stage.lora.scaling)) if stage.lora is not None else (lambda d: d)
+        write_output(ctx, cfg, sdir / "last", release(sd), native)
         if stage.pma_k:
             from safetensors.torch import load_file
 
@@ -372,7 +380,9 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
             sd = merge_state_dicts([load_file(str(p)) for p in snaps])
         elif shadows is not None:
             sd = {**sd, **shadows}
-        write_output(ctx, cfg, final_dir, sd, native)
+        if stage.lora is not None:
+            save_adapters(sdir / "lora.safetensors", sd, stage.lora)
+        write_output(ctx, cfg, final_dir, release(sd), native)
         writer.close()
     barrier()
     return load_dit(final_dir / "model.safetensors", cfg, dtype=torch.float32)

@@ -1,0 +1,140 @@
+"""LoRA training: peft adapters injected into the policy by the model set, before sharding.
+
+`[stages.lora]` turns a stage into adapter training: peft's `inject_adapter_in_model` wraps the target Linears
+(official module names) in LoRA layers (Hu et al. 2021, arXiv 2106.09685; peft's `LoraConfig`), only the adapters
+get gradients, and the EMA, the optimiser and the training state hold the adapters only (the frozen base is rebuilt
+from the stage's init on resume). The stage writes its adapters (`<stage>/lora.safetensors`, krea2 LoRA format) and,
+so later stages and `krea2 generate` can use it directly, the base with the adapters folded in (`<stage>/final`).
+
+    [stages.lora]
+    rank = 32
+    alpha = 32.0
+    targets = "all"          # every Linear (264 on the 12B) | "attention" (blocks' wq/wk/wv/wo/gate, 140) | a regex
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+TARGET_SETS = {
+    "all": r".*",
+    "attention": r"blocks\.\d+\.attn\.(wq|wk|wv|wo|gate)",
+}
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 32
+    alpha: float = 32.0  # ΔW = alpha / rank · B A
+    targets: str = "all"  # all | attention | a regex fully matching official Linear module names
+    dropout: float = 0.0
+    init: str = "default"  # default (A Kaiming-uniform, B = 0) | gaussian | pissa | olora (peft's init_lora_weights)
+
+    def __post_init__(self):
+        if self.rank < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
+            raise ValueError("lora needs rank >= 1, alpha > 0 and dropout in [0, 1)")
+        if self.init not in INITS:
+            raise ValueError(f"lora init {self.init!r} unknown; choose one of {sorted(INITS)}")
+        try:
+            re.compile(TARGET_SETS.get(self.targets, self.targets))
+        except re.error as e:
+            raise ValueError(f"lora targets {self.targets!r} is neither all, attention nor a regex ({e})") from None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_targets(model: nn.Module, targets: str) -> list[str]:
+    """Official names of the Linear modules a target spec selects; ValueError when it selects none."""
+    pattern = re.compile(TARGET_SETS.get(targets, targets))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    if not names:
+        raise ValueError(f"lora targets {targets!r} match no Linear module (e.g. blocks.0.attn.wq, blocks.0.mlp.up)")
+    return names
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wrap the targets in peft LoRA layers in place; freeze everything but the adapters. Returns the model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=lora_targets(model, cfg.targets), init_lora_weights=INITS[cfg.init])
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+def lora_transform(cfg: LoRAConfig):
+    """The model set's transform: adapters on the policy only (reference, teacher and other roles stay as built)."""
+
+    def transform(role: str, model: nn.Module) -> nn.Module:
+        return inject_lora(model, cfg) if role == "policy" else model
+
+    return transform
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return any(".lora_A." in n for n, _ in model.named_parameters())
+
+
+def adapter_modules(model: nn.Module) -> nn.ModuleDict:
+    """The adapters as their own module tree (the same parameters): what the training state and EMA hold."""
+    return nn.ModuleDict({name.replace(".", "__"): nn.ModuleDict({"lora_A": m.lora_A, "lora_B": m.lora_B})
+                          for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")})
+
+
+def adapter_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """peft tensor names -> the krea2 LoRA format: `<official module>.lora_A.weight` / `.lora_B.weight`."""
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(.+)\.(lora_[AB])\.default\.weight", k)
+        if m:
+            out[f"{m[1]}.{m[2]}.weight"] = v
+    return out
+
+
+def fold_lora(sd: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A peft-wrapped state dict -> release names with ΔW = scaling · B A folded into each wrapped weight (fp32)."""
+    out = {}
+    for k, v in sd.items():
+        if ".lora_A." in k or ".lora_B." in k:
+            continue
+        m = re.fullmatch(r"(.+)\.base_layer\.(weight|bias)", k)
+        if m is None:
+            out[k] = v
+            continue
+        name, kind = m[1], m[2]
+        if kind == "weight" and f"{name}.lora_A.default.weight" in sd:
+            a, b = sd[f"{name}.lora_A.default.weight"].float(), sd[f"{name}.lora_B.default.weight"].float()
+            v = (v.float() + scaling * (b @ a)).to(v.dtype)
+        out[f"{name}.{kind}"] = v
+    return out
+
+
+def lora_metadata(cfg: LoRAConfig) -> dict[str, str]:
+    return {"format": "krea2-lora", "lora_alpha": str(cfg.alpha), "rank": str(cfg.rank)}
+
+
+def save_adapters(path, sd: dict[str, Tensor], cfg: LoRAConfig) -> None:
+    """Adapter tensors (krea2 LoRA format, official module names) to one safetensors file, atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(sd).items()}, tmp,
+              metadata=lora_metadata(cfg))
+    os.replace(tmp, path)
+
+
+def trainable_fraction(model: nn.Module) -> float:
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
+
+
