@@ -21,3 +21,5 @@ SFTS="$OUT/sft-counting/final $OUT/sft-relations/final $OUT/sft-styles/final"
 eval_world "$OUT/merge-avg" "$OUT/merge-avg.json"
 [ -d "$OUT/merge-ties" ] || $K merge $SFTS --out "$OUT/merge-ties" --method ties --base world --density 0.3
 eval_world "$OUT/merge-ties" "$OUT/merge-ties.json"
+# the base again with this eval's figures (hf_ratio was added to the report after the first base run)
+eval_world world "$OUT/base2.json"

@@ -25,18 +25,28 @@ def generate(
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
     bf16: Annotated[bool, typer.Option(help="Load the DiT in bfloat16.")] = False,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="Apply a LoRA: FILE[:SCALE] (any format, scale 1 by default); repeat for several.", show_default=False)]
+    = None,
 ):
     """Generate images from text."""
     import torch
 
+    from krea2.models.lora import parse_lora_spec
     from krea2.pipeline import image_grid, load_pipeline, to_pil
 
     if not prompts:
         raise Krea2Error('no prompts given; pass at least one, e.g. krea2 generate "a red fox in snow"')
     if num_images < 1:
         raise Krea2Error("--num-images must be at least 1")
+    loras = [parse_lora_spec(s) for s in lora or []]
+    for path, _ in loras:  # before loading the model, which may take minutes
+        if not path.is_file():
+            raise Krea2Error(f"LoRA file not found: {path}")
     pipe = load_pipeline(checkpoint, dtype=torch.bfloat16 if bf16 else None, text_encoder=text_encoder,
                          autoencoder=vae)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     note_snapped_size(pipe, width, height)
     expanded = [p for p in prompts for _ in range(num_images)]
     images = to_pil(pipe.generate(expanded, pipe.sampling_config(steps=steps, guidance=cfg, mu=mu), seed=seed,
@@ -156,9 +166,11 @@ def register(app: typer.Typer) -> None:
     app.command()(merge)
     from krea2.data.curation.cli import app as curate_app
     from krea2.eval.cli import app as eval_app
+    from krea2.models.lora_cli import app as lora_app
 
     app.add_typer(curate_app, name="curate", help="Data curation: the table-as-queue.")
     app.add_typer(eval_app, name="eval", help="Evaluation on the embedded world.")
+    app.add_typer(lora_app, name="lora", help="LoRA files: convert, merge, extract.")
     from krea2.train.cli import register as register_train
 
     register_train(app)

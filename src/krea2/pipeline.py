@@ -108,6 +108,47 @@ class Pipeline:
             out.append(math.ceil(v / m) * m)
         return out[0], out[1]
 
+    def load_lora(self, lora, scale: float = 1.0, name: str | None = None) -> str:
+        """Apply a LoRA (a file in any supported format, or a `krea2.models.lora.LoRA`) to the DiT at `scale`.
+
+        Reversible (forward hooks, the weights stay as loaded); several stack, each with its own scale. name None:
+        the file's stem (made unique), or lora0, lora1, ... for a LoRA object; an existing name is hot-swapped (the
+        old adapter replaced). Returns the name. One-line Krea2Error for a missing file, keys that match no module
+        (or only some), or shapes that do not fit this model.
+        """
+        from pathlib import Path
+
+        from krea2.models.lora import LoRA, active_loras, apply_lora, read_lora
+
+        if not isinstance(lora, LoRA):
+            path = Path(lora)
+            lora = read_lora(path, self.model)
+            if name is None:
+                loaded, name, i = active_loras(self.model), path.stem, 1
+                while name in loaded:
+                    i += 1
+                    name = f"{path.stem}_{i}"
+        return apply_lora(self.model, lora, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (0 switches it off). Krea2Error for an unknown name."""
+        from krea2.models.lora import set_lora_scale
+
+        set_lora_scale(self.model, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all (name None): the DiT is then exactly as loaded. Krea2Error for an unknown name."""
+        from krea2.models.lora import unload_lora
+
+        unload_lora(self.model, name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs."""
+        from krea2.models.lora import active_loras
+
+        return active_loras(self.model)
+
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, sampling: SamplingConfig | None = None, seed: int = 0,
                  width: int | None = None, height: int | None = None, batch_size: int = 16,

@@ -117,24 +117,8 @@ def fold_lora(sd: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
     return out
 
 
-def lora_metadata(cfg: LoRAConfig) -> dict[str, str]:
-    return {"format": "krea2-lora", "lora_alpha": str(cfg.alpha), "rank": str(cfg.rank)}
-
-
 def save_adapters(path, sd: dict[str, Tensor], cfg: LoRAConfig) -> None:
-    """Adapter tensors (krea2 LoRA format, official module names) to one safetensors file, atomically."""
-    import os
+    """Adapter tensors of a peft-wrapped state dict to one file in the krea2 LoRA format (crash-safe)."""
+    from krea2.models.lora import save_lora
 
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(sd).items()}, tmp,
-              metadata=lora_metadata(cfg))
-    os.replace(tmp, path)
-
-
-def trainable_fraction(model: nn.Module) -> float:
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
-
-
+    save_lora(path, adapter_state(sd), cfg.alpha)
