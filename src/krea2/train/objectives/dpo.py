@@ -21,7 +21,7 @@ from torch import Tensor
 
 from krea2.train.data import PairBatch
 from krea2.train.objectives.base import Models, Role
-from krea2.train.objectives.flow import Denoising, TimestepConfig, velocity_error
+from krea2.train.objectives.flow import Denoising, TimestepConfig, per_sample_error
 
 
 @dataclass
@@ -55,16 +55,24 @@ class DiffusionDPO(Denoising):
     data_kind = "pairs"
     guard_metric = "loss/dpo"
 
-    def loss(self, models: Models, batch: PairBatch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def pair_velocities(self, models: Models, batch: PairBatch, generator: torch.Generator):
+        """Winner and loser in one forward (shared t, noise and text) through the policy and, without grad, the
+        reference. Returns t (B,), the target ε − x0 (2B, N, D) and the velocities v_θ, v_ref (2B, N, D), winners
+        first."""
         B, N, _ = batch.x0_w.shape
         device = batch.x0_w.device
         t = self.timesteps(B, N, generator, device)
-        noise = torch.randn(batch.x0_w.shape, generator=generator, device=device)
-        # winner and loser in one forward: shared t, noise and text
+        noise = torch.randn(batch.x0_w.shape, generator=generator, device=device).repeat(2, 1, 1)
         x0 = torch.cat([batch.x0_w, batch.x0_l])
-        args = (x0, noise.repeat(2, 1, 1), t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1),
-                batch.gh, batch.gw)
-        err = velocity_error(self.velocity(models.policy, *args), x0, args[1])
+        args = (x0, noise, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
+                batch.gw)
+        v = self.velocity(models.policy, *args)
         with torch.no_grad():
-            ref = velocity_error(self.velocity(models["ref"], *args), x0, args[1])
+            v_ref = self.velocity(models["ref"], *args)
+        return t, noise - x0, v, v_ref
+
+    def loss(self, models: Models, batch: PairBatch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:
+        B = batch.size
+        _, target, v, v_ref = self.pair_velocities(models, batch, generator)
+        err, ref = per_sample_error(v, target), per_sample_error(v_ref, target)
         return dpo_loss(err[:B], err[B:], ref[:B], ref[B:], self.cfg.beta)

@@ -32,9 +32,14 @@ def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     return (v_pred.float() - (noise - x0).float()).square().mean()
 
 
+def per_sample_error(v_pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error per sample (B,) of velocities (B, N, D) against a target of the same shape."""
+    return (v_pred.float() - target.float()).square().flatten(1).mean(1)
+
+
 def velocity_error(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
-    """Per-sample mean squared velocity error (B,): the flow loss before the batch mean."""
-    return (v_pred.float() - (noise - x0).float()).square().flatten(1).mean(1)
+    """Per-sample mean squared velocity error (B,) against ε − x0: the flow loss before the batch mean."""
+    return per_sample_error(v_pred, noise - x0)
 
 
 @dataclass

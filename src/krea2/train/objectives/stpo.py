@@ -32,7 +32,7 @@ from torch import Tensor
 from krea2.train.data import PairBatch
 from krea2.train.objectives.base import Models
 from krea2.train.objectives.dpo import DiffusionDPO, DPOConfig
-from krea2.train.objectives.flow import velocity_error
+from krea2.train.objectives.flow import per_sample_error
 
 
 @dataclass
@@ -63,19 +63,9 @@ class STPO(DiffusionDPO):
     guard_metric = "loss/dpo"
 
     def loss(self, models: Models, batch: PairBatch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:
-        B, N, _ = batch.x0_w.shape
-        device = batch.x0_w.device
-        t = self.timesteps(B, N, generator, device)
-        noise = torch.randn(batch.x0_w.shape, generator=generator, device=device)
-        x0 = torch.cat([batch.x0_w, batch.x0_l])
-        noise2 = noise.repeat(2, 1, 1)
-        args = (x0, noise2, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
-                batch.gw)
-        v = self.velocity(models.policy, *args)
-        with torch.no_grad():
-            v_ref = self.velocity(models["ref"], *args)
-        target = noise2 - x0
-        err, ref = velocity_error(v, x0, noise2), velocity_error(v_ref, x0, noise2)
+        B, device = batch.size, batch.x0_w.device
+        t, target, v, v_ref = self.pair_velocities(models, batch, generator)
+        err, ref = per_sample_error(v, target), per_sample_error(v_ref, target)
         lam = (winner_preserving_scale(v[:B], target[:B], v[B:], target[B:]) if self.cfg.scale_loser
                else torch.ones(B, device=device))
         dw, dl = err[:B] - ref[:B], err[B:] - ref[B:]
