@@ -142,3 +142,16 @@ def test_prompt_pool_statistics_deprioritise_easy_failing_and_flat_prompts():
         obj.update_prompt_stats([0, 1, 2, 3], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.2, 0.8]), _Ctx())
     assert torch.allclose(obj.batch_weights(), torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0]))
     assert set(dict(obj.named_buffers())) == {"prompt_visits", "prompt_reward", "prompt_spread"}  # in the state
+
+
+def test_grpo_surrogate_is_not_judged_as_a_spike():
+    """A policy-gradient surrogate hovers around 0: the guard must only catch non-finite values for it."""
+    import math
+
+    from krea2.train.guard import GuardConfig, SpikeGuard
+    from krea2.train.objectives.grpo import FlowGRPO
+
+    assert FlowGRPO.spike_test is False
+    g = SpikeGuard(GuardConfig(spike_factor=math.inf, min_steps=2))
+    assert all(g.check(v, 1.0) for v in [1e-5] * 30 + [1e-3, -1e-3])
+    assert not g.check(float("nan"), 1.0)

@@ -10,6 +10,7 @@ reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -131,13 +132,14 @@ class TrainerContext:
     """
 
     def __init__(self, stage: StageConfig, optimizers: dict, specs: dict, ema, policy: nn.Module,
-                 device: torch.device, autoencoder=None):
+                 device: torch.device, autoencoder=None, spike_test: bool = True):
         self.stage, self.optimizers, self.autoencoder = stage, optimizers, autoencoder
         self.lr_scales = {name: spec.lr_scale for name, spec in specs.items()}
         # in module order: the clipping norm sums per-tensor norms, and its rounding depends on the order
         self.params = {name: [p for m in spec.modules for p in m.parameters() if p.requires_grad]
                        for name, spec in specs.items()}
-        self.guards = {name: SpikeGuard(GuardConfig(action=stage.guard)) for name in optimizers}
+        factor = 3.0 if spike_test else math.inf  # inf: non-finite loss or grad norm only
+        self.guards = {name: SpikeGuard(GuardConfig(action=stage.guard, spike_factor=factor)) for name in optimizers}
         self.ema, self.policy, self.device = ema, policy, device
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
                          else nullcontext())
@@ -243,7 +245,7 @@ def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | No
     optimizers, specs = build_optimizers(objective, mset.models, stage)
     return StageRuntime(objective, mset, optimizers,
                         TrainerContext(stage, optimizers, specs, mset.ema, mset.policy, ctx.dist.device,
-                                       ctx.autoencoder))
+                                       ctx.autoencoder, objective.spike_test))
 
 
 def train_step(rt: StageRuntime, batch, step: int, generator: torch.Generator) -> dict:

@@ -102,6 +102,9 @@ class Objective(nn.Module):
     roles: ClassVar[dict[str, Role]] = {}
     data_kind: ClassVar[str] = "images"  # images | pairs | prompts: the batch type the objective reads
     guard_metric: ClassVar[str] = "loss"
+    # the guard's spike test needs a loss with a scale (a data fit); a policy-gradient surrogate hovers around 0 and
+    # has none, so such objectives set this False and the guard checks finiteness only
+    spike_test: ClassVar[bool] = True
 
     def __init__(self, cfg, env: ObjectiveEnv):
         super().__init__()
