@@ -23,3 +23,8 @@ eval_world "$OUT/merge-avg" "$OUT/merge-avg.json"
 eval_world "$OUT/merge-ties" "$OUT/merge-ties.json"
 # the base again with this eval's figures (hf_ratio was added to the report after the first base run)
 eval_world world "$OUT/base2.json"
+# Flow-GRPO trains without CFG: the RL model and the base also at guidance 0
+[ -f "$OUT/rl-g0.json" ] || $K eval world --checkpoint "$OUT/rl/final" --prompts world_eval --images-per-prompt 2 \
+  --guidance 0 --out "$OUT/rl-g0.json"
+[ -f "$OUT/base-g0.json" ] || $K eval world --checkpoint world --prompts world_eval --images-per-prompt 2 \
+  --guidance 0 --out "$OUT/base-g0.json"
