@@ -25,6 +25,9 @@ def generate(
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
     bf16: Annotated[bool, typer.Option(help="Load the DiT in bfloat16.")] = False,
+    quantize: Annotated[str | None, typer.Option(
+        help="Store the transformer blocks' weights in 8 bits: fp8 | int8 (8-bit checkpoints load as stored).",
+        show_default=False)] = None,
     lora: Annotated[list[str] | None, typer.Option(
         help="Apply a LoRA: FILE[:SCALE] (any format, scale 1 by default); repeat for several.", show_default=False)]
     = None,
@@ -39,12 +42,16 @@ def generate(
         raise Krea2Error('no prompts given; pass at least one, e.g. krea2 generate "a red fox in snow"')
     if num_images < 1:
         raise Krea2Error("--num-images must be at least 1")
+    if quantize is not None and quantize not in ("fp8", "int8"):
+        raise Krea2Error(f"unknown --quantize {quantize!r}; use fp8 or int8")
+    if quantize is not None and lora:
+        raise Krea2Error("--lora cannot be combined with --quantize yet; merge the LoRA first (krea2 lora merge)")
     loras = [parse_lora_spec(s) for s in lora or []]
     for path, _ in loras:  # before loading the model, which may take minutes
         if not path.is_file():
             raise Krea2Error(f"LoRA file not found: {path}")
     pipe = load_pipeline(checkpoint, dtype=torch.bfloat16 if bf16 else None, text_encoder=text_encoder,
-                         autoencoder=vae)
+                         autoencoder=vae, quantize=quantize)
     for path, scale in loras:
         pipe.load_lora(path, scale)
     note_snapped_size(pipe, width, height)
@@ -83,20 +90,35 @@ def export(
     out: Annotated[Path, typer.Argument(help="Output folder.")],
     to: Annotated[str, typer.Option(help="diffusers (Krea2Transformer2DModel folder) or krea2 (checkpoint folder).")]
     = "diffusers",
-    dtype: Annotated[str | None, typer.Option(help="Cast the weights: bf16 | fp16 | fp32 (default: as stored).")]
-    = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Cast the weights: bf16 | fp16 | fp32, or fp8 (--to krea2: the ComfyUI scaled-fp8 layout, blocks "
+             "only; default: as stored).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing krea2 output folder.")] = False,
 ):
     """Export a DiT to diffusers, or re-save a krea2 checkpoint folder (e.g. in bf16 for shipping)."""
+    import torch
+
     from krea2.models.checkpoint import resolve_checkpoint, write_checkpoint_dir
     from krea2.models.convert import export_diffusers
     from krea2.models.loading import load_dit
+    from krea2.models.quantize import dequantize_dit, quantized_format, write_quantized_checkpoint
 
-    torch_dtype = parse_dtype(dtype)
     if to not in ("diffusers", "krea2"):
         raise Krea2Error(f"unknown export format {to!r}; supported: diffusers, krea2")
+    if dtype == "fp8" and to != "krea2":
+        raise Krea2Error("--dtype fp8 writes the ComfyUI scaled-fp8 layout, for --to krea2 only; diffusers folders "
+                         "take bf16, fp16 or fp32")
+    torch_dtype = None if dtype == "fp8" else parse_dtype(dtype)
     info = resolve_checkpoint(checkpoint)
     model = load_dit(info.model_path, info.model)
+    stored = quantized_format(model)
+    if to == "krea2" and (dtype == "fp8" or (stored and dtype is None)):
+        fmt = "fp8" if dtype == "fp8" else stored
+        write_quantized_checkpoint(out, model, info.config(model.cfg), fmt=fmt, overwrite=overwrite)
+        typer.echo(f"wrote a krea2 checkpoint folder ({fmt} block weights) to {out}")
+        return
+    if stored:  # an 8-bit checkpoint written in a float dtype: dequantised (its quantisation error stays)
+        dequantize_dit(model, torch_dtype or torch.bfloat16)
     if to == "diffusers":
         export_diffusers(model, out, dtype=torch_dtype)
         typer.echo(f"wrote a diffusers Krea2Transformer2DModel folder to {out}")

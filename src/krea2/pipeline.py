@@ -114,12 +114,17 @@ class Pipeline:
         Reversible (forward hooks, the weights stay as loaded); several stack, each with its own scale. name None:
         the file's stem (made unique), or lora0, lora1, ... for a LoRA object; an existing name is hot-swapped (the
         old adapter replaced). Returns the name. One-line Krea2Error for a missing file, keys that match no module
-        (or only some), or shapes that do not fit this model.
+        (or only some), shapes that do not fit this model, or a quantised DiT (not supported yet).
         """
         from pathlib import Path
 
         from krea2.models.lora import LoRA, active_loras, apply_lora, read_lora
+        from krea2.models.quantize import quantized_format
 
+        fmt = quantized_format(self.model)
+        if fmt is not None:  # the LoRA hooks run in the adapted Linear's weight dtype, here fp8 / int8
+            raise Krea2Error(f"LoRAs cannot be applied to a {fmt}-quantised DiT yet; merge the LoRA into the "
+                             "high-precision checkpoint (krea2 lora merge) and quantise the result")
         if not isinstance(lora, LoRA):
             path = Path(lora)
             lora = read_lora(path, self.model)
@@ -211,16 +216,20 @@ class Pipeline:
 
 
 def load_pipeline(checkpoint: str = "world", device: str = "cpu", dtype: torch.dtype | None = None,
-                  text_encoder: str | None = None, autoencoder: str | None = None) -> Pipeline:
+                  text_encoder: str | None = None, autoencoder: str | None = None,
+                  quantize: str | None = None) -> Pipeline:
     """Load a checkpoint (see krea2.models.checkpoint.resolve_checkpoint) with its encoders, or the ones given.
 
-    The DiT is loaded in dtype (default float32). Raises Krea2Error when the encoders do not fit the DiT.
+    The DiT is loaded in dtype (default float32). quantize 'fp8' | 'int8' stores the block Linears' weights in 8
+    bits (per-row scales; dtype is then the compute dtype and that of the other modules); a checkpoint stored in
+    8 bits loads quantised as stored (see krea2.models.quantize). Raises Krea2Error when the encoders do not fit
+    the DiT, or for an unknown quantize.
     """
     from krea2.models.autoencoders import load_autoencoder
     from krea2.models.text_encoders import load_text_encoder
 
     info = resolve_checkpoint(checkpoint)
-    model = load_dit(info.model_path, info.model, dtype=dtype or torch.float32, device=device)
+    model = load_dit(info.model_path, info.model, dtype=dtype or torch.float32, device=device, quantize=quantize)
     te = load_text_encoder(text_encoder or info.text_encoder, device=device)
     ae = load_autoencoder(autoencoder or info.autoencoder, device=device)
     if te.dim != model.cfg.txtdim or te.n_layers != model.cfg.txtlayers:

@@ -19,6 +19,8 @@ from krea2.errors import Krea2Error
 from krea2.models.dit import DiT, DiTConfig, swiglu_hidden
 
 DIFFUSERS_PREFIX = "model.diffusion_model."
+# ComfyUI full checkpoints nest the DiT under the first, its standalone diffusion-model files sometimes the second
+PREFIXES = (DIFFUSERS_PREFIX, "diffusion_model.")
 # read once, single-threaded: os.umask can only be read by setting it, which would race async checkpoint threads
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -56,10 +58,11 @@ def read_shapes(path: str | Path) -> dict[str, torch.Tensor]:
         return strip_prefix({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
 
 
-def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept ComfyUI-style files whose keys sit under `model.diffusion_model.`."""
-    if any(k.startswith(DIFFUSERS_PREFIX) for k in sd):
-        return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in sd.items()}
+def strip_prefix(sd: dict) -> dict:
+    """Accept ComfyUI-style files whose keys sit under `model.diffusion_model.` or `diffusion_model.`."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            return {k.removeprefix(prefix): v for k, v in sd.items()}
     return sd
 
 
@@ -101,9 +104,18 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 
 
 def load_dit(path: str | Path, cfg: DiTConfig | None = None, dtype: torch.dtype | None = None,
-             device: str = "cpu") -> DiT:
-    """Build on meta, check, and assign the file's tensors (cast only if dtype differs)."""
-    sd = strip_prefix(read_safetensors(path, device=device))
+             device: str = "cpu", quantize: str | None = None) -> DiT:
+    """Build on meta, check, and assign the file's tensors (cast only if dtype differs).
+
+    quantize 'fp8' | 'int8': weight-only quantisation of the block Linears while loading. Files stored in 8 bits
+    (ComfyUI scaled fp8, `krea2 export --dtype fp8`) load quantised as stored. See krea2.models.quantize.
+    """
+    from krea2.models.quantize import is_scaled, load_quantized_dit
+
+    # quantising reads through the CPU map, so the high-precision weights never go to the device
+    sd = strip_prefix(read_safetensors(path, device="cpu" if quantize else device))
+    if quantize is not None or is_scaled(sd):
+        return load_quantized_dit(path, sd, cfg, dtype=dtype, device=device, quantize=quantize)
     cfg = cfg or infer_config(sd)
     with torch.device("meta"):
         model = DiT(cfg)

@@ -75,16 +75,24 @@ class ModelSet:
         return self.models.policy
 
 
+def load_master_weights(path, cfg=None) -> nn.Module:
+    """A checkpoint as fp32 trainable weights, whatever the file holds (bf16, or fp8/int8 codes, dequantised: an
+    8-bit layer would otherwise load as buffers that never train)."""
+    from krea2.models.loading import load_dit
+    from krea2.models.quantize import dequantize_dit
+
+    return dequantize_dit(load_dit(path, cfg, dtype=torch.float32), torch.float32)
+
+
 def build_role(role, policy_init: nn.Module) -> nn.Module:
     """A copy of the policy's starting weights, or a checkpoint's DiT."""
     if role.init == "policy":
         model = copy.deepcopy(policy_init)
     else:
         from krea2.models.checkpoint import resolve_checkpoint
-        from krea2.models.loading import load_dit
 
         info = resolve_checkpoint(role.init)
-        model = load_dit(info.model_path, info.model, dtype=torch.float32)
+        model = load_master_weights(info.model_path, info.model)
     return model.train(role.trainable).requires_grad_(role.trainable)
 
 

@@ -41,7 +41,7 @@ from krea2.train.data import DATA_KINDS, build_data, token_count
 from krea2.train.guard import GuardConfig, SpikeGuard
 from krea2.train.health import HealthConfig, HealthMonitor, dit_train_flops, peak_flops
 from krea2.train.lora import fold_lora, lora_transform, save_adapters
-from krea2.train.models import build_model_set
+from krea2.train.models import build_model_set, load_master_weights
 from krea2.train.objectives import ObjectiveEnv, get_objective
 from krea2.train.watchdog import Watchdog
 
@@ -421,8 +421,7 @@ def recipe_model_config(recipe: Recipe):
 def initial_model(ctx: Context) -> DiT:
     if ctx.recipe.model.init:
         info = resolve_checkpoint(ctx.recipe.model.init)
-        # fp32 master weights, whatever the file holds
-        return load_dit(info.model_path, info.model, dtype=torch.float32)
+        return load_master_weights(info.model_path, info.model)
     torch.manual_seed(ctx.recipe.stages[0].seed)
     return init_weights(DiT(recipe_model_config(ctx.recipe)))
 
