@@ -167,3 +167,24 @@ def test_save_on_one_rank_resume_on_two(tmp_path):
     opt.step()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_kill_between_the_publish_renames_keeps_a_complete_state(tmp_path):
+    """Both windows of `_publish`: after the old state moved aside, and after the new one took its name."""
+    import shutil
+
+    from krea2.train.checkpoint import is_checkpoint, recover_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    state = tmp_path / "state"
+    save_training_state(state, model, extra={"step": 1})
+    save_training_state(tmp_path / "newer", model, extra={"step": 2})
+    # killed after `state` -> `state.old`, before `state.tmp` -> `state`
+    state.rename(tmp_path / "state.old")
+    shutil.copytree(tmp_path / "newer", tmp_path / "state.tmp")
+    assert not is_checkpoint(state) and recover_checkpoint(state)
+    assert load_training_state(state, model)["step"] == 2  # the newer, complete save wins
+    # killed while `state.tmp` was still being written: the old one comes back
+    state.rename(tmp_path / "state.old")
+    (tmp_path / "state.tmp").mkdir()
+    assert recover_checkpoint(state) and load_training_state(state, model)["step"] == 2

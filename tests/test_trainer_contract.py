@@ -465,3 +465,18 @@ def test_triplets_share_style_not_content():
                      2, progress=False)
     b = data.batch(0, 4)
     assert isinstance(b, TripletBatch) and b.x0.shape == b.x0_ref.shape and not torch.equal(b.x0, b.x0_ref)
+
+
+def test_non_finite_weights_are_never_published(tmp_path):
+    from krea2.models.autoencoders import load_autoencoder
+    from krea2.train.parallel import DistInfo
+    from krea2.train.trainer import Context, write_output
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    ctx = Context(recipe, tmp_path, None, load_autoencoder("identity"), DistInfo())
+    model = DiT("tiny-world")
+    sd = model.state_dict()
+    sd["blocks.0.attn.wq.weight"] = torch.full_like(sd["blocks.0.attn.wq.weight"], float("nan"))
+    with pytest.raises(Krea2Error, match="not finite .* e.g. blocks.0.attn.wq.weight"):
+        write_output(ctx, model.cfg, tmp_path / "out", sd)
+    assert not (tmp_path / "out").exists()

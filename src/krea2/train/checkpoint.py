@@ -62,11 +62,38 @@ def _prepare_tmp(directory: Path) -> Path:
     return tmp
 
 
+def _old_dir(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".old")
+
+
 def _publish(tmp: Path, directory: Path) -> None:
-    """Rank 0 swaps the finished temp folder into place (replacing an older save of the same name)."""
+    """Rank 0 swaps the finished temp folder into place (replacing an older save of the same name).
+
+    Two renames, so a complete checkpoint exists at every instant: the old one moves aside to `<dir>.old`, the new
+    one takes its name, then the old one is deleted. A kill between the renames leaves `<dir>.tmp` (complete) and
+    `<dir>.old`; `recover_checkpoint` puts the newest complete one back under `<dir>`."""
+    old = _old_dir(directory)
     if directory.exists():
-        shutil.rmtree(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
     os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(directory: str | os.PathLike) -> bool:
+    """After a kill inside `_publish`: restore `<dir>` from the complete `<dir>.tmp` (newer) or `<dir>.old`.
+    Returns whether `<dir>` now holds a complete checkpoint. Call on rank 0 before resuming."""
+    directory = Path(directory)
+    if is_checkpoint(directory):
+        return True
+    for candidate in (_tmp_dir(directory), _old_dir(directory)):
+        if is_checkpoint(candidate):
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(candidate, directory)
+            shutil.rmtree(_old_dir(directory), ignore_errors=True)  # superseded (or just restored from)
+            return True
+    return False
 
 
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

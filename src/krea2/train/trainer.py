@@ -106,7 +106,12 @@ def stage_dir(ctx: Context, stage: StageConfig) -> Path:
 
 
 def write_output(ctx: Context, cfg, path: Path, sd: dict, resolution: int = 32) -> Path:
-    """A stage's output folder in the release format; replaces the folder an interrupted earlier run left."""
+    """A stage's output folder in the release format; replaces the folder an interrupted earlier run left.
+    Raises Krea2Error instead of publishing non-finite weights."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise Krea2Error(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); nothing was "
+                         "written. Lower the learning rate, or resume from an earlier checkpoint")
     config = {"model": cfg.to_dict(), "text_encoder": ctx.recipe.text_encoder,
               "autoencoder": ctx.recipe.autoencoder, "sampling": ctx.recipe.sampling_dict(),
               "resolution": resolution}
@@ -263,6 +268,9 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     if cfg.channels != ctx.autoencoder.channels:
         raise Krea2Error(f"model has {cfg.channels} channels but the autoencoder {ctx.recipe.autoencoder} has "
                          f"{ctx.autoencoder.channels}")
+    if main:  # a kill inside the last save's publish step leaves the complete state beside its name
+        ckpt.recover_checkpoint(state_dir)
+    barrier()
     if state_dir.exists() and not resume:
         raise Krea2Error(f"{sdir} already holds a run; pass --resume to continue it or choose another --out")
     data = build_data(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, cfg.patch,
