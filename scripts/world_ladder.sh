@@ -3,12 +3,8 @@
 # Usage: bash scripts/world_ladder.sh [OUT=runs/ladder]
 set -euo pipefail
 OUT=${1:-runs/ladder}
-K=.venv/bin/krea2
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/ladder_lib.sh"
 mkdir -p "$OUT"
-eval_world() {  # checkpoint, report
-  [ -f "$2" ] || $K eval world --checkpoint "$1" --prompts world_eval --images-per-prompt 2 --out "$2"
-}
 eval_world world "$OUT/base.json"
 [ -f "$OUT/pairs.parquet" ] || $K pairs --out "$OUT/pairs.parquet" --prompts 160 --group 4 --kind both
 for obj in dpo stpo; do

@@ -4,12 +4,8 @@
 # Usage: bash scripts/world_sft.sh [OUT=runs/ladder]
 set -euo pipefail
 OUT=${1:-runs/ladder}
-K=.venv/bin/krea2
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/ladder_lib.sh"
 mkdir -p "$OUT"
-eval_world() {  # checkpoint, report
-  [ -f "$2" ] || $K eval world --checkpoint "$1" --prompts world_eval --images-per-prompt 2 --out "$2"
-}
 declare -A DOMAINS=([counting]='["counting"]' [relations]='["position","color_attr"]' [styles]='["style","colors"]')
 for d in counting relations styles; do
   [ -f "$OUT/sft-$d/final/model.safetensors" ] || $K train recipes/world-sft.toml --out "$OUT/sft-$d" --resume \
@@ -21,10 +17,6 @@ SFTS="$OUT/sft-counting/final $OUT/sft-relations/final $OUT/sft-styles/final"
 eval_world "$OUT/merge-avg" "$OUT/merge-avg.json"
 [ -d "$OUT/merge-ties" ] || $K merge $SFTS --out "$OUT/merge-ties" --method ties --base world --density 0.3
 eval_world "$OUT/merge-ties" "$OUT/merge-ties.json"
-# the base again with this eval's figures (hf_ratio was added to the report after the first base run)
-eval_world world "$OUT/base2.json"
 # Flow-GRPO trains without CFG: the RL model and the base also at guidance 0
-[ -f "$OUT/rl-g0.json" ] || $K eval world --checkpoint "$OUT/rl/final" --prompts world_eval --images-per-prompt 2 \
-  --guidance 0 --out "$OUT/rl-g0.json"
-[ -f "$OUT/base-g0.json" ] || $K eval world --checkpoint world --prompts world_eval --images-per-prompt 2 \
-  --guidance 0 --out "$OUT/base-g0.json"
+eval_world "$OUT/rl/final" "$OUT/rl-g0.json" --guidance 0
+eval_world world "$OUT/base-g0.json" --guidance 0
