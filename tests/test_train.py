@@ -116,7 +116,7 @@ def test_existing_run_needs_resume(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("*.toml")))
 def test_shipped_recipes_parse_and_build(name):
     recipe = load_recipe(ROOT / "recipes" / name)
-    summary = validate_recipe(recipe)
+    summary = validate_recipe(recipe, check_paths=False)  # their data (pairs, exported rows) is made by earlier steps
     assert summary.count("\n") == len(recipe.stages)  # one line per built stage
     if name.startswith("krea2"):
         assert "12,820,073,036 parameters" in summary

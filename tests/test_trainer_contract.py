@@ -480,3 +480,9 @@ def test_non_finite_weights_are_never_published(tmp_path):
     with pytest.raises(Krea2Error, match="not finite .* e.g. blocks.0.attn.wq.weight"):
         write_output(ctx, model.cfg, tmp_path / "out", sd)
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_requires_the_data_path(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "world-po.toml", [f"stages.0.data.path={tmp_path / 'none.parquet'}"])
+    with pytest.raises(Krea2Error, match="data path .*none.parquet does not exist"):
+        validate_recipe(recipe)

@@ -502,8 +502,9 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
     return out / "final"
 
 
-def validate_recipe(recipe: Recipe) -> str:
-    """Build every stage on the meta device (model, optimiser groups, schedule, data shapes) without running it."""
+def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
+    """Build every stage on the meta device (model, optimiser groups, schedule, data shapes) without running it.
+    check_paths: also require every stage's data path to exist (off for recipes whose data earlier steps make)."""
     cfg = recipe_model_config(recipe)
     with torch.device("meta"):
         model = DiT(cfg)
@@ -521,6 +522,8 @@ def validate_recipe(recipe: Recipe) -> str:
         if DATA_KINDS[s.data.source] != objective.data_kind:
             raise Krea2Error(f"stage {s.name}: objective {objective.name} reads {objective.data_kind} but data "
                              f"source {s.data.source} gives {DATA_KINDS[s.data.source]}")
+        if check_paths and s.data.path and not Path(s.data.path).exists():
+            raise Krea2Error(f"stage {s.name}: data path {s.data.path} does not exist (source {s.data.source})")
         try:  # the objective's own checks against the architecture, where it has any
             getattr(s.objective, "check", lambda model, steps: None)(cfg, s.steps)
         except ValueError as e:
