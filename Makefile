@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.krea2-installed
 
-.PHONY: setup demo test bench train-demo world-base world-rl lint
+.PHONY: setup demo test bench train-demo world-base world-rl lora-demo lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ world-base: setup
 world-rl: setup
 	bash scripts/world_ladder.sh runs/ladder
 	bash scripts/world_sft.sh runs/ladder
+
+# a LoRA that binds the new word "zorb" to red circles on the world model, scored before and after (~3 minutes)
+lora-demo: setup
+	bash scripts/lora_demo.sh runs/lora-demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

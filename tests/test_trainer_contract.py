@@ -486,3 +486,13 @@ def test_validate_requires_the_data_path(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "world-po.toml", [f"stages.0.data.path={tmp_path / 'none.parquet'}"])
     with pytest.raises(Krea2Error, match="data path .*none.parquet does not exist"):
         validate_recipe(recipe)
+
+
+def test_world_concept_and_renamed_captions():
+    from krea2.train.data import pool_examples
+
+    cfg = DataConfig(source="world", size=32, pool=6, n_objects=(1, 1), shapes=["circle"], colors=["red"],
+                     rename={"red circle": "zorb", "circle": "zorb"})
+    exs = pool_examples(cfg, 0)
+    assert all(o["shape"] == "circle" and o["color"] == "red" for ex in exs for o in ex.meta["scene"]["objects"])
+    assert all("zorb" in c and "circle" not in c for ex in exs for c in ex.captions.values())

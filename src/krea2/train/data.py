@@ -47,6 +47,9 @@ class DataConfig:
     backgrounds: list[str] | None = None
     sizes: list[str] | None = None  # object sizes, e.g. ["large"] for an early curriculum
     tags: list[str] | None = None  # world: scenes of these prompt families only (an SFT domain), checker-verified
+    shapes: list[str] | None = None  # world: object shapes and colours to draw from (a concept for a LoRA)
+    colors: list[str] | None = None
+    rename: dict[str, str] | None = None  # world/emoji: caption phrase -> new words (bind a new word to a concept)
     path: str = ""  # rows: the exported Parquet folder; pairs: a Parquet file or folder; prompts: a JSONL (optional)
     captions: dict[str, float] = field(default_factory=lambda: {"long": 0.7, "medium": 0.2, "short": 0.1})
     caption_dropout: float = 0.1  # replaced by the empty-prompt encoding, never zeros
@@ -214,6 +217,16 @@ def to_pixels(images: Tensor) -> Tensor:
 # ---------------------------------------------------------------- pools: world, emoji, pairs
 
 
+def renamed(ex: Example, rename: dict[str, str] | None) -> Example:
+    """The example with each caption's phrases replaced (longest first), e.g. {"red circle": "zorb"}."""
+    if not rename:
+        return ex
+    caps = dict(ex.captions)
+    for old in sorted(rename, key=len, reverse=True):
+        caps = {k: v.replace(old, rename[old]) for k, v in caps.items()}
+    return Example(ex.image, caps, ex.meta)
+
+
 def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
     """The stage's pool. World/emoji: `pool` examples split over the square sizes of `size`; pairs: the file's
     pairs (the loser image in meta["loser"])."""
@@ -224,9 +237,9 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
     if cfg.source == "world":
         from krea2.data.world import world_examples
 
-        return [ex for k, side in enumerate(sizes) for ex in world_examples(
+        return [renamed(ex, cfg.rename) for k, side in enumerate(sizes) for ex in world_examples(
             cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, styles=cfg.styles,
-            backgrounds=cfg.backgrounds, sizes=cfg.sizes)]
+            backgrounds=cfg.backgrounds, sizes=cfg.sizes, shapes=cfg.shapes, colors=cfg.colors)]
     if cfg.source == "emoji":
         from krea2.data.emoji import emoji_examples
 
