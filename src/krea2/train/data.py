@@ -33,7 +33,9 @@ from krea2.models.text_encoders import encode_valid_rows, pad_rows
 from krea2.sampling import patchify
 
 CACHE_DTYPE = torch.bfloat16  # frozen text states: half the memory of fp32, far below the model's noise floor
-SOURCES = ("world", "emoji", "rows", "pairs", "prompts", "triplets")
+DATA_KINDS = {"world": "images", "emoji": "images", "rows": "images", "pairs": "pairs", "prompts": "prompts",
+              "triplets": "triplets"}  # source -> batch kind
+SOURCES = tuple(DATA_KINDS)
 TEXT_PAD = 8  # text padded per batch in steps of 8 slots: few distinct shapes
 
 
@@ -519,7 +521,3 @@ def build_data(cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int
     """The stage's data source: an object with `batch(step, batch_size, rank, world, device)` and `len()`."""
     cls = {"rows": RowStream, "prompts": PromptPool}.get(cfg.source, ImagePool)
     return cls(cfg, seed, text_encoder, autoencoder, patch, cache_dir=cache_dir, progress=progress)
-
-
-DATA_KINDS = {"world": "images", "emoji": "images", "rows": "images", "pairs": "pairs", "prompts": "prompts",
-              "triplets": "triplets"}

@@ -151,7 +151,7 @@ class TrainerContext:
         self.begin(0)
 
     def begin(self, step: int) -> None:
-        self.step, self.grad_norms, self.bad, self.rollback = step, {}, [], False
+        self.grad_norms, self.bad, self.rollback = {}, [], False
         for name, opt in self.optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = wsd_lr(step, self.stage) * self.lr_scales[name]
@@ -229,13 +229,19 @@ class StageRuntime:
         return [self.optimizers[k] for k in sorted(self.optimizers)]
 
 
+def stage_objective(stage: StageConfig):
+    """The stage's objective class, after checking that its data source gives the batch kind it reads."""
+    cls = get_objective(stage.objective.name)
+    if DATA_KINDS[stage.data.source] != cls.data_kind:
+        raise Krea2Error(f"stage {stage.name}: objective {cls.name} reads {cls.data_kind} but data source "
+                         f"{stage.data.source} gives {DATA_KINDS[stage.data.source]}")
+    return cls
+
+
 def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | None = None) -> StageRuntime:
     """The objective by name, the model set (placed and parallelised) and one AdamW per declared optimiser."""
     cfg = init.cfg
-    objective_cls = get_objective(stage.objective.name)
-    if DATA_KINDS[stage.data.source] != objective_cls.data_kind:
-        raise Krea2Error(f"stage {stage.name}: objective {objective_cls.name} reads {objective_cls.data_kind} but "
-                         f"data source {stage.data.source} gives {DATA_KINDS[stage.data.source]}")
+    objective_cls = stage_objective(stage)
     objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage, data_size))
     pcfg = stage.parallel(ctx.recipe.parallel)
     parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
@@ -518,10 +524,7 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
         bad = [r for r in s.data.resolutions if r % unit]
         if bad:
             raise Krea2Error(f"stage {s.name}: size(s) {bad} are not multiples of the token size {unit} px")
-        objective = get_objective(s.objective.name)
-        if DATA_KINDS[s.data.source] != objective.data_kind:
-            raise Krea2Error(f"stage {s.name}: objective {objective.name} reads {objective.data_kind} but data "
-                             f"source {s.data.source} gives {DATA_KINDS[s.data.source]}")
+        objective = stage_objective(s)
         if check_paths and s.data.path and not Path(s.data.path).exists():
             raise Krea2Error(f"stage {s.name}: data path {s.data.path} does not exist (source {s.data.source})")
         try:  # the objective's own checks against the architecture, where it has any
