@@ -155,3 +155,23 @@ def test_grpo_surrogate_is_not_judged_as_a_spike():
     g = SpikeGuard(GuardConfig(spike_factor=math.inf, min_steps=2))
     assert all(g.check(v, 1.0) for v in [1e-5] * 30 + [1e-3, -1e-3])
     assert not g.check(float("nan"), 1.0)
+
+
+def test_usage_errors_of_new_commands_are_not_tracebacks(tmp_path):
+    import subprocess
+    import sys
+
+    for args in (["pairs"], ["pairs", "--out", "x.parquet", "--group", "1"], ["merge", "world", "--out", "m"]):
+        p = subprocess.run([sys.executable, "-c", "from krea2.cli import main; main()", *args], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr[-500:])
+
+
+def test_validate_checks_lora_targets(tmp_path):
+    from krea2.train.config import load_recipe
+    from krea2.train.trainer import validate_recipe
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    assert "LoRA rank 8 on 72 Linears" in validate_recipe(load_recipe(root / "recipes" / "world-lora-demo.toml"))
+    with pytest.raises(Krea2Error, match="match no Linear module"):
+        validate_recipe(load_recipe(root / "recipes" / "world-lora-demo.toml", ["stages.0.lora.targets=nothing"]))

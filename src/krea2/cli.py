@@ -19,6 +19,14 @@ def _mount() -> None:
     register(app)
 
 
+def usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error class and the copy typer bundles (typer >= 0.16 raises its own): print usage, exit 2."""
+    import click
+
+    bundled = getattr(getattr(typer, "_click", None), "exceptions", None)
+    return (click.ClickException,) + ((bundled.ClickException,) if bundled is not None else ())
+
+
 def main() -> None:
     _mount()
     try:
@@ -30,13 +38,9 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except usage_errors() as e:
+        e.show()
+        sys.exit(e.exit_code)
     if isinstance(rc, int) and rc:  # click returns Ctrl-C's 130 instead of raising in this mode
         sys.exit(rc)
 

@@ -355,6 +355,9 @@ def merge_checkpoints(folders: Sequence[str | Path], out: str | Path, weights: S
     before any weights are read), differing architectures, or an existing non-empty `out` without overwrite.
     """
     factors = merge_weights(len(folders), weights, method, base is not None, density)
+    if method == "average" and len(folders) < 2:  # (PMA may average one snapshot; a soup of one is a mistake)
+        raise Krea2Error(f"an average needs at least 2 checkpoints, got {len(folders)}; pass more, or use "
+                         "task_arithmetic with --base to scale one model's difference")
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before reading gigabytes
         raise Krea2Error(f"{out} already exists and is not empty; choose another output folder or overwrite it "

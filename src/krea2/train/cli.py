@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry for `python -m krea2.train` (torchrun): the train command alone, with one-line errors."""
     import sys
 
+    from krea2.cli import usage_errors
     from krea2.errors import Krea2Error
 
     single = typer.Typer(add_completion=False)
@@ -48,5 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     except Krea2Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except usage_errors() as e:
+        e.show()
+        sys.exit(e.exit_code)
     if isinstance(rc, int) and rc:  # click returns Ctrl-C's 130 instead of raising in this mode
         sys.exit(rc)

@@ -40,7 +40,7 @@ from krea2.train.config import Recipe, StageConfig
 from krea2.train.data import DATA_KINDS, build_data, token_count
 from krea2.train.guard import GuardConfig, SpikeGuard
 from krea2.train.health import HealthConfig, HealthMonitor, dit_train_flops, peak_flops
-from krea2.train.lora import fold_lora, lora_transform, save_adapters
+from krea2.train.lora import fold_lora, lora_targets, lora_transform, save_adapters
 from krea2.train.models import build_model_set, load_master_weights
 from krea2.train.objectives import ObjectiveEnv, get_objective
 from krea2.train.watchdog import Watchdog
@@ -532,6 +532,11 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
         except ValueError as e:
             raise Krea2Error(f"stage {s.name}: {e}") from None
         s.parallel(recipe.parallel)
+        if s.lora is not None:
+            try:
+                n_lora = len(lora_targets(model, s.lora.targets))
+            except ValueError as e:
+                raise Krea2Error(f"stage {s.name}: {e}") from None
         tokens = "/".join(str((r // unit) ** 2) for r in s.data.resolutions)
         px = "/".join(str(r) for r in s.data.resolutions)
         lrs = [wsd_lr(k, s) for k in (0, s.warmup, s.steps - 1)]
@@ -542,5 +547,6 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
                         for name, r in objective.roles.items())
         lines.append(f"  {s.name}: {objective.name}, {s.steps} steps x {s.batch_size}, {px}px = {tokens} tokens, "
                      f"{s.precision}, lr {lrs[0]:.2e} -> {lrs[1]:.2e} -> {lrs[2]:.2e}, data {s.data.source}"
-                     f"{roles}{extra}")
+                     f"{roles}{extra}"
+                     + (f", LoRA rank {s.lora.rank} on {n_lora} Linears" if s.lora is not None else ""))
     return "\n".join(lines)
