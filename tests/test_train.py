@@ -297,3 +297,32 @@ def test_multi_stage_resume_reuses_finished_stages(tmp_path):
     final = train_recipe(recipe, tmp_path / "r", resume=True, progress=False)
     assert (tmp_path / "r" / "a" / "final" / "model.safetensors").read_bytes() == first
     assert json.loads((final / "config.json").read_text())["model"]["patch"] == 4
+
+
+def test_transfer_copies_every_fitting_tensor_and_keeps_the_rest(tmp_path):
+    """[model] transfer: a pixel model's body moves to a new patch/channel layout; embed and output stay fresh."""
+    from krea2.models.checkpoint import save_random_checkpoint
+    from krea2.models.dit import DiT, get_config
+    from krea2.train.trainer import init_weights, transfer_weights
+
+    src = save_random_checkpoint(tmp_path / "pixel", preset="tiny-world")
+    cfg = {**get_config("tiny-world").__dict__, "channels": 16, "patch": 1}
+    model = init_weights(DiT(get_config(cfg)))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    moved, kept = transfer_weights(model, str(src))
+    source = DiT(get_config("tiny-world"))
+    from krea2.models.loading import load_dit
+
+    source = load_dit(str(src / "model.safetensors"), get_config("tiny-world"))
+    sd, own = source.state_dict(), model.state_dict()
+    assert kept and moved == len(own) - len(kept)
+    for k, v in own.items():
+        if k in kept:
+            assert sd.get(k) is None or sd[k].shape != v.shape, k
+            assert torch.equal(v, fresh[k]), k
+        else:
+            assert torch.equal(v, sd[k]), k
+    other = init_weights(DiT(get_config({**cfg, "features": 32, "txtdim": 32, "tdim": 16, "heads": 2, "kvheads": 1,
+                                          "txtheads": 2, "txtkvheads": 2})))
+    with pytest.raises(Krea2Error, match="no tensor of that checkpoint fits"):
+        transfer_weights(other, str(src))

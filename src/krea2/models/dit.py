@@ -97,6 +97,9 @@ PRESETS: dict[str, DiTConfig] = {
     # the embedded world's base model: pixel space, patch 4 (one token = 4x4 px), MiniLM text (384 wide, 3 taps)
     "world-s": DiTConfig(features=192, tdim=128, txtdim=384, heads=3, kvheads=1, multiplier=3, layers=6, patch=4,
                          channels=3, txtlayers=2, txtheads=3, txtkvheads=3, txtblocks=1),
+    # world-s in the world autoencoder's latent space (32 channels, 4x) with patch 2, as the release: 64 px = 64 tokens
+    "world-s-latent": DiTConfig(features=192, tdim=128, txtdim=384, heads=3, kvheads=1, multiplier=3, layers=6,
+                                patch=2, channels=32, txtlayers=2, txtheads=3, txtkvheads=3, txtblocks=1),
     "world-m": DiTConfig(features=256, tdim=128, txtdim=384, heads=4, kvheads=2, layers=6, patch=4, channels=3,
                          txtlayers=3, txtheads=3, txtkvheads=3, txtblocks=1),
 }

@@ -31,8 +31,23 @@ def train(
         typer.echo(f"final checkpoint: {final}")
 
 
+def train_ae(
+    out: Annotated[Path, typer.Option(help="Run folder: state/ (resume), tb/, final/ (the autoencoder).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value, e.g. steps=8000 "
+                                                   "(fields of krea2.train.autoencoder.AEConfig).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last saved state.")] = False,
+):
+    """Train the world autoencoder (4x, 32 channels) on world renders and emoji; use it as --vae world:OUT/final."""
+    from krea2.train.autoencoder import AEConfig, parse_overrides, train_autoencoder
+
+    cfg = parse_overrides(AEConfig(), list(set_ or []))
+    path = train_autoencoder(cfg, out, resume=resume)
+    typer.echo(f"wrote the autoencoder to {path}; evaluate it with: krea2 eval ae --vae world:{path} --size 64")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(train)
+    app.command("train-ae")(train_ae)
 
 
 def main(argv: list[str] | None = None) -> None:

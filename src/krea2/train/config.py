@@ -34,10 +34,15 @@ RESERVED_NAMES = {"final", "cache", "tb", "recipe.json"}  # the run folder's own
 
 @dataclass
 class ModelSection:
-    """`[model]`: a preset, or the official architecture fields; `init` starts from a checkpoint instead."""
+    """`[model]`: a preset, or the official architecture fields; `init` starts from a checkpoint instead.
+
+    `transfer` (with a preset or fields) starts the new architecture from a checkpoint's tensors wherever name and
+    shape match (the rest keep the from-scratch init): a trained body moved to a new latent space or patch size.
+    """
 
     preset: str | None = None
     init: str | None = None
+    transfer: str | None = None
     features: int | None = None
     tdim: int | None = None
     txtdim: int | None = None
@@ -67,10 +72,13 @@ class ModelSection:
                              "architecture, so drop preset")
         if self.preset is None and self.init is None and not self.fields():
             raise ValueError("needs preset = NAME, init = CHECKPOINT or the official architecture fields")
+        if self.transfer is not None and self.init is not None:
+            raise ValueError(f"transfer {self.transfer!r} and init {self.init!r} are both set; init loads a whole "
+                             "checkpoint, transfer gives a preset the tensors that fit: use one")
 
     def fields(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in {"preset", "init"} and getattr(self, f.name) is not None}
+                if f.name not in {"preset", "init", "transfer"} and getattr(self, f.name) is not None}
 
 
 @dataclass

@@ -437,7 +437,28 @@ def initial_model(ctx: Context) -> DiT:
         info = resolve_checkpoint(ctx.recipe.model.init)
         return load_master_weights(info.model_path, info.model)
     torch.manual_seed(ctx.recipe.stages[0].seed)
-    return init_weights(DiT(recipe_model_config(ctx.recipe)))
+    model = init_weights(DiT(recipe_model_config(ctx.recipe)))
+    if ctx.recipe.model.transfer:
+        moved, kept = transfer_weights(model, ctx.recipe.model.transfer)
+        if ctx.progress and ctx.dist.is_main:
+            print(f"transfer from {ctx.recipe.model.transfer}: {moved} tensors copied, {len(kept)} kept from scratch "
+                  f"({', '.join(kept[:6])}{', ...' if len(kept) > 6 else ''})")
+    return model
+
+
+def transfer_weights(model: DiT, spec: str) -> tuple[int, list[str]]:
+    """Copy a checkpoint's tensors into `model` where name and shape match; returns (copied, names left as init).
+
+    Raises Krea2Error when nothing matches (a different model family: the transfer would be a silent no-op)."""
+    info = resolve_checkpoint(spec)
+    src = load_master_weights(info.model_path, info.model).state_dict()
+    own = model.state_dict()
+    fits = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    if not fits:
+        raise Krea2Error(f"transfer = {spec!r}: no tensor of that checkpoint fits this model (names and shapes "
+                         "differ everywhere); pick a checkpoint of the same width and depth")
+    model.load_state_dict(fits, strict=False)
+    return len(fits), sorted(k for k in own if k not in fits)
 
 
 NEUTRAL_KEYS = {"steps", "save_every", "log_every", "sample_every"}  # may change between runs of one folder
