@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.krea2-installed
 
-.PHONY: setup demo test bench train-demo world-base world-rl lora-demo lint
+.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl lora-demo lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,13 +27,27 @@ train-demo: setup
 	$(VENV)/bin/krea2 train recipes/world-demo.toml --out runs/demo
 	$(VENV)/bin/krea2 eval world --checkpoint runs/demo/final --prompts world_eval_small --out runs/demo/report.json
 
-# the shipped world base model from scratch (~2.5 hours on 2 cores), then its evaluation; ship it with
-#   .venv/bin/krea2 export runs/world-binding/final src/krea2/assets/world --to krea2 --dtype bf16
+# the shipped world base model from scratch (~4.5 hours on 2 cores), then its evaluation; ship it with
+#   .venv/bin/krea2 export runs/world-continue/final src/krea2/assets/world --to krea2 --dtype bf16 --overwrite
 world-base: setup
 	$(VENV)/bin/krea2 train recipes/world.toml --out runs/world
 	$(VENV)/bin/krea2 train recipes/world-extend.toml --out runs/world-extend --set model.init=runs/world/final
 	$(VENV)/bin/krea2 train recipes/world-binding.toml --out runs/world-binding --set model.init=runs/world-extend/final
-	$(VENV)/bin/krea2 eval world --checkpoint runs/world-binding/final --prompts world_eval --out runs/world-binding/report.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/krea2 train recipes/world-ablation-pixel.toml --out runs/ablation/pixel \
+		--set model.init=runs/world-binding/final
+	OMP_NUM_THREADS=1 $(VENV)/bin/krea2 train recipes/world-continue.toml --out runs/world-continue \
+		--set model.init=runs/ablation/pixel/final
+	$(VENV)/bin/krea2 eval world --checkpoint runs/world-continue/final --prompts world_eval --out runs/world-continue/report.json
+
+# the world autoencoder (--vae world, shipped in src/krea2/assets/world_ae): ~17 minutes on 2 cores
+world-ae: setup
+	$(VENV)/bin/krea2 train-ae --out runs/world-ae
+	$(VENV)/bin/krea2 eval ae --vae world:runs/world-ae/final --size 32
+	$(VENV)/bin/krea2 eval ae --vae world:runs/world-ae/final --size 64
+
+# the base-model ablation (pixel patch 4 vs latent patch 2, ~35 minutes each, side by side at 1 thread each)
+world-ablation: setup
+	bash scripts/base_ablation.sh runs/ablation
 
 # the post-training ladder from the shipped base: sampled pairs -> DPO and STPO; Flow-GRPO; per-domain SFT and merges;
 # each evaluated on the public prompts with 2 images per prompt (about 1.5 hours on 2 cores; resumable)

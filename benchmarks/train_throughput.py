@@ -4,7 +4,7 @@ Runs the trainer's own step (`krea2.train.trainer.build_stage` + `train_step`: t
 set, AdamW with clipping and the spike guard) on the stage's own data source for a few steps of each stage of a
 recipe, without writing checkpoints.
 
-    python benchmarks/train_throughput.py recipes/world.toml [--steps 30] [--pool 256]
+    python benchmarks/train_throughput.py recipes/world.toml [--steps 30] [--pool 256] [--set parallel.compile=true]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def main():
     ap.add_argument("recipe")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--pool", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], help="recipe override, as `krea2 train --set`")
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     te, ae = load_text_encoder(recipe.text_encoder), load_autoencoder(recipe.autoencoder)
     cfg = recipe_model_config(recipe)
     ctx = Context(recipe, Path(tempfile.mkdtemp()), te, ae, DistInfo(), progress=False)

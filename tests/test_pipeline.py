@@ -73,7 +73,7 @@ def test_sampling_config_and_errors(pipe):
     cases = [(lambda: pipe.sampling_config(stepz=3), "unknown sampling setting"),
              (lambda: pipe.generate([]), "no prompts"),
              (lambda: pipe.generate(["x"], batch_size=0), "batch_size"),
-             (lambda: pipe.generate(["x"], width=-4), "width must be positive")]
+             (lambda: pipe.generate(["x"], width=-4), "width must be a positive number of pixels")]
     for fn, needle in cases:
         with pytest.raises(Krea2Error, match=needle) as e:
             fn()

@@ -310,7 +310,6 @@ def test_transfer_copies_every_fitting_tensor_and_keeps_the_rest(tmp_path):
     model = init_weights(DiT(get_config(cfg)))
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     moved, kept = transfer_weights(model, str(src))
-    source = DiT(get_config("tiny-world"))
     from krea2.models.loading import load_dit
 
     source = load_dit(str(src / "model.safetensors"), get_config("tiny-world"))
@@ -322,7 +321,7 @@ def test_transfer_copies_every_fitting_tensor_and_keeps_the_rest(tmp_path):
             assert torch.equal(v, fresh[k]), k
         else:
             assert torch.equal(v, sd[k]), k
-    other = init_weights(DiT(get_config({**cfg, "features": 32, "txtdim": 32, "tdim": 16, "heads": 2, "kvheads": 1,
-                                          "txtheads": 2, "txtkvheads": 2})))
+    other = init_weights(DiT(get_config({**cfg, "features": 96, "txtdim": 48, "tdim": 24, "heads": 3, "kvheads": 1,
+                                          "txtheads": 3, "txtkvheads": 3, "txtlayers": 5, "multiplier": 3})))
     with pytest.raises(Krea2Error, match="no tensor of that checkpoint fits"):
         transfer_weights(other, str(src))

@@ -1,17 +1,19 @@
 """The world autoencoder: training (`krea2 train-ae`), exact resume, loading with latent normalisation, evaluation."""
 
 import json
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from krea2.cli import app
+from krea2 import cli
 from krea2.errors import Krea2Error
 from krea2.models.autoencoders import LATENT_STATS, WorldAutoencoder, load_autoencoder
 from krea2.train import autoencoder as tae
 
+cli._mount()
 TINY = dict(steps=4, batch_size=4, sizes=(32,), width=16, enc_blocks=1, dec_blocks=1, warmup=1, save_every=2,
             sample_every=4, log_every=1, eval_images=5, emoji_every=0)
 
@@ -104,12 +106,20 @@ def test_overrides_and_bad_input():
         tae.parse_overrides(tae.AEConfig(), ["sizes=30"])
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    runner = CliRunner()
-    r = runner.invoke(app, ["eval", "ae", "--vae", f"world:{tmp_path}", "--size", "32"])
-    assert r.exit_code != 0 and "no world autoencoder" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["eval", "ae", "--vae", "identity", "--size", "31"])
-    assert r.exit_code != 0 and "--size 31" in r.output
-    r = runner.invoke(app, ["eval", "ae", "--vae", "identity", "--size", "32", "--n", "4"])
+def _main(monkeypatch, capsys, *args) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["krea2", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    code, err = _main(monkeypatch, capsys, "eval", "ae", "--vae", f"world:{tmp_path}", "--size", "32")
+    assert code == 2 and "no world autoencoder" in err and "Traceback" not in err
+    code, err = _main(monkeypatch, capsys, "eval", "ae", "--vae", "identity", "--size", "31")
+    assert code == 2 and "--size 31" in err
+    code, err = _main(monkeypatch, capsys, "train-ae", "--out", tmp_path / "r", "--set", "steps=0")
+    assert code == 2 and "steps must be >= 1" in err
+    r = CliRunner().invoke(cli.app, ["eval", "ae", "--vae", "identity", "--size", "32", "--n", "4"])
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1] == "checker accuracy 1.000"

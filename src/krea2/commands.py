@@ -35,13 +35,20 @@ def generate(
     """Generate images from text."""
     import torch
 
+    from krea2 import limits
     from krea2.models.lora import parse_lora_spec
     from krea2.pipeline import image_grid, load_pipeline, to_pil
 
-    if not prompts:
-        raise Krea2Error('no prompts given; pass at least one, e.g. krea2 generate "a red fox in snow"')
-    if num_images < 1:
-        raise Krea2Error("--num-images must be at least 1")
+    prompts = limits.check_prompts(prompts)
+    limits.check_count(num_images, "--num-images")
+    limits.check_count(num_images * len(prompts), "images in all (prompts x --num-images)")
+    limits.check_steps(steps, "--steps")
+    limits.check_finite(cfg, "--cfg")
+    limits.check_finite(mu, "--mu")
+    limits.check_side(width, "--width")
+    limits.check_side(height, "--height")
+    if out.exists() and not out.is_dir():
+        raise Krea2Error(f"--out {out} is a file; give a folder for the images")
     if quantize is not None and quantize not in ("fp8", "int8"):
         raise Krea2Error(f"unknown --quantize {quantize!r}; use fp8 or int8")
     if quantize is not None and lora:

@@ -77,10 +77,13 @@ class Pipeline:
 
         Raises Krea2Error for a name that is not a SamplingConfig field.
         """
+        from krea2.limits import check_sampling
+
         known = {f.name for f in dataclasses.fields(SamplingConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise Krea2Error(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
+        check_sampling(overrides.get("steps"), overrides.get("guidance"), overrides.get("mu"))
         return dataclasses.replace(self.sampling, **{k: v for k, v in overrides.items() if v is not None})
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,14 +101,16 @@ class Pipeline:
     def snap_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """(width, height) in px rounded up to a multiple of pixels_per_token; None means the native resolution.
 
-        Raises Krea2Error for a side <= 0. Prints nothing: callers that want to tell users compare the result.
+        Raises Krea2Error for a side < 1 or over the limit (krea2.limits). Prints nothing: callers that want to tell
+        users compare the result.
         """
+        from krea2.limits import check_side
+
         m = self.pixels_per_token
         out = []
-        for name, v in (("width", width or self.resolution), ("height", height or self.resolution)):
-            if v <= 0:
-                raise Krea2Error(f"{name} must be positive, got {v}")
-            out.append(math.ceil(v / m) * m)
+        for name, v in (("width", width), ("height", height)):
+            check_side(v, name)
+            out.append(math.ceil((v or self.resolution) / m) * m)
         return out[0], out[1]
 
     def load_lora(self, lora, scale: float = 1.0, name: str | None = None) -> str:
@@ -164,8 +169,12 @@ class Pipeline:
         another with `sampling_config(steps=..., guidance=..., mu=...)`). width/height default to the native
         resolution and are snapped up silently to a multiple of pixels_per_token (see snap_size; H, W of the
         result say what was used). progress: True draws a tqdm bar on stderr; a callable gets (done, total)
-        Euler steps after each step. Raises Krea2Error for no prompts, batch_size < 1 or a side <= 0.
+        Euler steps after each step. Raises Krea2Error for no prompts, batch_size < 1, a side out of range or
+        sampling settings out of range (krea2.limits). An empty prompt "" is the unconditional input, allowed here on
+        purpose (commands refuse it: krea2.limits.check_prompts).
         """
+        from krea2.limits import check_sampling
+
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -173,6 +182,7 @@ class Pipeline:
         if batch_size < 1:
             raise Krea2Error(f"batch_size must be at least 1, got {batch_size}")
         cfg = sampling or self.sampling
+        check_sampling(cfg.steps, cfg.guidance, cfg.mu)
         width, height = self.snap_size(width, height)
         f, p = self.autoencoder.compression, self.model.cfg.patch
         h, w = height // f, width // f
@@ -200,7 +210,7 @@ class Pipeline:
                 ctx, cmask = self.encode(chunk)
                 cond = Conditioning.build(ctx, cmask, gh, gw)
                 uncond = None
-                if cfg.guidance != 0:
+                if cfg.guidance > 0:  # as the release: g <= 0 is the conditional pass alone
                     uctx, umask = self.encode_empty()
                     uncond = Conditioning.build(uctx.expand(len(chunk), -1, -1, -1), umask.expand(len(chunk), -1),
                                                 gh, gw)

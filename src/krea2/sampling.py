@@ -124,9 +124,9 @@ class Conditioning:
 
 def guided_velocity(model: Callable, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
                     guidance: float) -> Tensor:
-    """v = v_c + g (v_c - v_u); g = 0 (or no uncond) runs the conditional pass only."""
+    """v = v_c + g (v_c - v_u); g <= 0 (or no uncond) runs the conditional pass only, as the release does."""
     vc = model(x, cond.context, t, cond.pos, cond.mask, **cond.model_kwargs())
-    if guidance == 0 or uncond is None:
+    if guidance <= 0 or uncond is None:  # the release: any g <= 0 means no guidance
         return vc
     vu = model(x, uncond.context, t, uncond.pos, uncond.mask, **uncond.model_kwargs())
     return vc + guidance * (vc - vu)

@@ -37,7 +37,7 @@ from krea2.train import checkpoint as ckpt
 class AEConfig:
     """Everything `krea2 train-ae` reads; `--set key=value` overrides fields."""
 
-    steps: int = 6000
+    steps: int = 9000
     batch_size: int = 32  # images per step at 32 px; 64 px steps take batch_size // 4 (the same pixel count)
     sizes: tuple[int, ...] = (32, 64)
     emoji_every: int = 8  # every n-th step is a batch of emoji (0: none); the rest are world renders

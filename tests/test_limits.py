@@ -1,0 +1,96 @@
+"""Bad sampling input is refused at one place (krea2.limits) before any work: ranges, non-finite numbers, empty
+prompts, unbounded sizes, an output path that is a file; negative guidance is the release's "no guidance"."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from krea2 import cli
+from krea2.errors import Krea2Error
+from krea2.models.checkpoint import save_random_checkpoint
+from krea2.pipeline import load_pipeline
+
+cli._mount()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["krea2", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "-3"], "steps must be between 1 and 1000, got -3"),
+    (["--steps", "0"], "steps must be between 1 and 1000, got 0"),
+    (["--steps", "100000"], "steps must be between 1 and 1000"),
+    (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--mu", "-inf"], "--mu must be a finite number"),
+    (["--width", "0"], "--width must be a positive number of pixels, got 0"),
+    (["--height", "-8"], "--height must be a positive number of pixels"),
+    (["--width", "100000"], "--width 100000 px is over the limit of 4096 px"),
+    (["--num-images", "0"], "--num-images must be between 1 and 1024, got 0"),
+    (["--num-images", "5000"], "--num-images must be between 1 and 1024"),
+])
+def test_generate_refuses_out_of_range_options(ckpt, tmp_path, monkeypatch, capsys, args, needle):
+    out = tmp_path / "out"
+    code, err = run_main(monkeypatch, capsys, "generate", "a red circle", "--checkpoint", ckpt, "--out", out, *args)
+    assert code == 2 and needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before any work or output
+
+
+@pytest.mark.parametrize("prompts, needle", [([""], "prompt 1 is empty"),
+                                             (["a red circle", "   "], "prompt 2 is empty")])
+def test_empty_prompts_are_refused(ckpt, tmp_path, monkeypatch, capsys, prompts, needle):
+    code, err = run_main(monkeypatch, capsys, "generate", *prompts, "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert code == 2 and needle in err
+
+
+def test_output_that_is_a_file_is_refused_before_sampling(ckpt, tmp_path, monkeypatch, capsys):
+    f = tmp_path / "taken.png"
+    f.write_bytes(b"keep me")
+    code, err = run_main(monkeypatch, capsys, "generate", "x", "--checkpoint", ckpt, "--out", f)
+    assert code == 2 and "is a file" in err
+    assert f.read_bytes() == b"keep me"
+
+
+def test_limit_override_by_environment(monkeypatch):
+    from krea2 import limits
+
+    monkeypatch.setenv("KREA2_MAX_SIDE", "8192")
+    limits.check_side(5000, "width")
+    monkeypatch.setenv("KREA2_MAX_SIDE", "lots")
+    with pytest.raises(Krea2Error, match="KREA2_MAX_SIDE='lots' is not an integer"):
+        limits.check_side(5000, "width")
+
+
+def test_pipeline_checks_its_own_inputs(ckpt):
+    pipe = load_pipeline(str(ckpt))
+    with pytest.raises(Krea2Error, match="guidance must be a finite number"):
+        pipe.sampling_config(guidance=float("nan"))
+    with pytest.raises(Krea2Error, match="steps must be between"):
+        pipe.generate(["x"], pipe.sampling_config().__class__(steps=0))
+    with pytest.raises(Krea2Error, match="over the limit"):
+        pipe.generate(["x"], width=10_000)
+
+
+def test_negative_guidance_is_the_conditional_pass_alone(ckpt):
+    """The release treats any g <= 0 as no guidance: g = -1 gives exactly g = 0's images (not a cancelled prompt)."""
+    pipe = load_pipeline(str(ckpt))
+    base = pipe.sampling_config(steps=2, guidance=0.0)
+    neg = pipe.sampling_config(steps=2, guidance=-1.0)
+    pos = pipe.sampling_config(steps=2, guidance=2.0)
+    a, b = pipe.generate(["a red circle"], base, seed=1), pipe.generate(["a red circle"], neg, seed=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, pipe.generate(["a red circle"], pos, seed=1))
