@@ -35,7 +35,7 @@ def test_trained_autoencoder_loads_with_its_latent_normalisation(tmp_path):
     std = torch.tensor(stats["latents_std"]).view(1, -1, 1, 1)
     torch.testing.assert_close(z, (raw - mean) / std)
     torch.testing.assert_close(ae.decode(z), ae.vae.decode(raw).clamp(-1, 1), atol=1e-5, rtol=1e-5)
-    # the stored stats normalise the renders they were measured on: zero mean, unit std per channel
+    # the stored stats are applied as stored: on the renders they were measured on, zero mean and unit std
     zs = ae.encode(tae.world_renders(512, 32, seed=424242 + 32)[0])
     torch.testing.assert_close(zs.transpose(0, 1).flatten(1).mean(1), torch.zeros(32), atol=1e-3, rtol=0)
     torch.testing.assert_close(zs.transpose(0, 1).flatten(1).std(1), torch.ones(32), atol=1e-3, rtol=0)
@@ -52,6 +52,12 @@ def test_fresh_autoencoder_is_the_best_linear_code():
     torch.testing.assert_close(ae.decode(ae.encode(x)), torch.nn.functional.pixel_shuffle(proj, 4), atol=1e-5,
                                rtol=1e-5)
     torch.testing.assert_close(w.T @ w, torch.eye(32), atol=1e-5, rtol=0)
+    # the span is the top-32 principal subspace of the 4x4 patches build_ae saw (projectors agree; signs do not matter)
+    cfg = tae.AEConfig(**TINY)
+    seen = torch.cat([torch.nn.functional.pixel_unshuffle(tae.world_renders(256, s, seed=cfg.seed + s)[0], 4)
+                      .permute(0, 2, 3, 1).reshape(-1, 48) for s in cfg.sizes])
+    top = torch.linalg.svd(seen - seen.mean(0), full_matrices=False).Vh[:32]
+    torch.testing.assert_close(w @ w.T, top.T @ top, atol=1e-4, rtol=0)
     assert tae.psnr(ae.decode(ae.encode(x)), x) > 25  # PCA-32 of 4x4 patches: ~33 dB at 32 px
 
 
@@ -104,6 +110,10 @@ def test_overrides_and_bad_input():
         tae.parse_overrides(tae.AEConfig(), ["steps=many"])
     with pytest.raises(Krea2Error, match="sizes must be world sizes"):
         tae.parse_overrides(tae.AEConfig(), ["sizes=30"])
+    for bad, needle in (("latent_channels=64", "<= 48"), ("width=100", "multiple of 8"), ("seed=-1", ">= 0"),
+                        ("lr=nan", "finite lr"), ("latent_noise=inf", "finite")):
+        with pytest.raises(Krea2Error, match=needle):
+            tae.parse_overrides(tae.AEConfig(), [bad])
 
 
 def _main(monkeypatch, capsys, *args) -> tuple[int, str]:

@@ -17,7 +17,7 @@ def generate(
     text_encoder: Annotated[str | None, typer.Option(help="Text encoder spec (default: the checkpoint's).")] = None,
     vae: Annotated[str | None, typer.Option(help="Autoencoder spec (default: the checkpoint's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Euler steps (default: the checkpoint's preset).")] = None,
-    cfg: Annotated[float | None, typer.Option(help="Guidance g (Krea convention; 0 = no uncond pass).")] = None,
+    cfg: Annotated[float | None, typer.Option(help="Guidance g (Krea convention; g <= 0 = no uncond pass).")] = None,
     mu: Annotated[float | None, typer.Option(help="Pin the schedule shift mu.")] = None,
     width: Annotated[int | None, typer.Option()] = None,
     height: Annotated[int | None, typer.Option()] = None,
@@ -49,6 +49,10 @@ def generate(
     limits.check_side(height, "--height")
     if out.exists() and not out.is_dir():
         raise Krea2Error(f"--out {out} is a file; give a folder for the images")
+    try:  # before loading and sampling, so a bad path costs nothing
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Krea2Error(f"cannot create --out {out}: {e.strerror or e}; give a writable folder") from None
     if quantize is not None and quantize not in ("fp8", "int8"):
         raise Krea2Error(f"unknown --quantize {quantize!r}; use fp8 or int8")
     if quantize is not None and lora:
@@ -65,7 +69,6 @@ def generate(
     expanded = [p for p in prompts for _ in range(num_images)]
     images = to_pil(pipe.generate(expanded, pipe.sampling_config(steps=steps, guidance=cfg, mu=mu), seed=seed,
                                   width=width, height=height, progress=True))
-    out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         im.save(out / f"{i:04d}.png")
     if len(images) > 1:

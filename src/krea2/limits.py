@@ -1,13 +1,14 @@
 """The one place that range-checks sampling inputs (steps, guidance, mu, image sides, image counts, prompts).
 
-Every entry point (`Pipeline.generate`, `krea2 generate`, `krea2 eval world`, `krea2 pairs`) goes through these
-checks, so a bad value is one Krea2Error naming the option, its value and the allowed range, before any work starts.
+`Pipeline.generate`/`sampling_config` (and so `krea2 eval world` and `krea2 pairs`) check steps, guidance, mu and
+sides; `krea2 generate` also checks prompts, image counts and its output folder, all before any work starts: a bad
+value is one Krea2Error naming the option, its value and the allowed range.
 The limits and why (docs/LIMITS.md):
 - steps 1..1000: the release samples in 8 (Turbo) or 52 (Raw) steps; past 1000 Euler steps nothing changes but time.
 - image side 1..4096 px (override: KREA2_MAX_SIDE): 4096 px at the release's 16 px per token is 65,536 image tokens,
-  already 16x the 1024 px tokens it was trained at; a side past that is almost always a typo (100000 -> 100000 px
+  already 16x the 1024 px tokens it was trained at; a side past that is almost always a typo (a 100000 px side
   would run for hours at step 0).
-- images per call 1..1024 (override: KREA2_MAX_IMAGES).
+- images per `krea2 generate` call 1..1024 (override: KREA2_MAX_IMAGES).
 - guidance and mu finite (NaN or inf would make every pixel NaN and write black images).
 - prompts non-empty after stripping: an empty prompt is the unconditional input; generating from it silently would
   look like a prompt was followed.

@@ -13,7 +13,7 @@ from torch import Tensor
 @dataclass(frozen=True)
 class SamplingConfig:
     steps: int = 52
-    guidance: float = 3.5  # Krea convention: v = c + g (c - u); standard CFG scale is g + 1; 0 skips the uncond pass
+    guidance: float = 3.5  # Krea convention: v = c + g (c - u); standard CFG scale is g + 1; g <= 0: no uncond pass
     mu: float | None = None  # None: interpolate from the image-token count
     y1: float = 0.5
     y2: float = 1.15

@@ -55,7 +55,7 @@ def ae(
     = "world",
     size: Annotated[int, typer.Option(help="Render side in px (a world size divisible by the compression).")] = 64,
     n: Annotated[int, typer.Option(min=1, help="Ground-truth renders per style.")] = 200,
-    seed: Annotated[int, typer.Option()] = 12345,
+    seed: Annotated[int, typer.Option(min=0)] = 12345,
 ):
     """Reconstruct ground-truth world renders of every style; prints PSNR and the exact checker's accuracy per style,
     `checker accuracy X` last."""

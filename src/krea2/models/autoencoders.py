@@ -14,6 +14,7 @@ Files are read locally only, never downloaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -123,10 +124,12 @@ def _world_ae_class():
             self.dec_net = _ResidualNet(c, pix, width, dec_blocks, groups, ResnetBlock2D)
 
         @torch.no_grad()
-        def init_linear(self, images: Tensor) -> None:
-            """PCA of the f x f patches of `images` (B, 3, H, W) in [-1, 1] into the linear encoder/decoder."""
-            u = torch.nn.functional.pixel_unshuffle(images.float(), self.config.compression)
-            v = u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
+        def init_linear(self, images: Tensor | list[Tensor]) -> None:
+            """PCA of the f x f patches of `images` (B, 3, H, W) in [-1, 1], or a list of such batches of any sizes,
+            into the linear encoder/decoder."""
+            f = self.config.compression
+            v = torch.cat([torch.nn.functional.pixel_unshuffle(x.float(), f).permute(0, 2, 3, 1).reshape(-1, 3 * f * f)
+                           for x in (images if isinstance(images, list) else [images])])
             mu = v.mean(0)
             basis = torch.linalg.svd(v - mu, full_matrices=False).Vh[: self.config.latent_channels]  # (c, pix)
             self.enc_linear.weight.copy_(basis[:, :, None, None])
@@ -212,10 +215,14 @@ def load_world_autoencoder(path: str | None, device="cpu", dtype=torch.float32) 
                                             use_safetensors=True)
         s = json.loads(stats.read_text())
         mean, std = s["latents_mean"], s["latents_std"]
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise Krea2Error(f"cannot load the world autoencoder from {str(folder)!r}: {str(e).splitlines()[0]}") from e
-    if len(mean) != vae.config.latent_channels or len(std) != vae.config.latent_channels:
-        raise Krea2Error(f"{stats}: latents_mean/std need {vae.config.latent_channels} values each")
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise Krea2Error(f"cannot load the world autoencoder from {str(folder)!r}: {first}") from e
+    c = vae.config.latent_channels
+    if (not isinstance(mean, list) or not isinstance(std, list) or len(mean) != c or len(std) != c
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std)
+            or min(std) <= 0):
+        raise Krea2Error(f"{stats}: latents_mean and latents_std need {c} finite numbers each, std > 0")
     return WorldAutoencoder(vae, mean, std).to(device)
 
 

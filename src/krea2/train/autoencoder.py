@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from krea2.data.world import STYLES
 from krea2.errors import Krea2Error
+from krea2.eval.world_encoder import to_tensor
 from krea2.models.autoencoders import LATENT_STATS, WorldAutoencoder, world_ae_class
 from krea2.models.checkpoint import publish_dir
 from krea2.train import checkpoint as ckpt
@@ -71,8 +73,17 @@ class AEConfig:
         if not self.sizes or bad:
             ok = [s for s in GEOMETRIES if s % 4 == 0]
             raise Krea2Error(f"train-ae: sizes must be world sizes divisible by 4 ({ok}), got {list(self.sizes)}")
-        if not 0 <= self.decay <= 1 or self.lr <= 0 or self.latent_noise < 0 or self.grad_weight < 0:
-            raise Krea2Error("train-ae: need lr > 0, 0 <= decay <= 1, latent_noise >= 0 and grad_weight >= 0")
+        floats = (self.lr, self.decay, self.latent_noise, self.grad_weight)
+        if (not all(math.isfinite(v) for v in floats) or not 0 <= self.decay <= 1 or self.lr <= 0
+                or self.latent_noise < 0 or self.grad_weight < 0):
+            raise Krea2Error("train-ae: need finite lr > 0, 0 <= decay <= 1, latent_noise >= 0 and grad_weight >= 0")
+        if self.latent_channels > 3 * 4 * 4:
+            raise Krea2Error(f"train-ae: latent_channels must be <= 48 (3 x 4 x 4 values per 4x4 patch), got "
+                             f"{self.latent_channels}")
+        if self.width % 8:
+            raise Krea2Error(f"train-ae: width must be a multiple of 8 (GroupNorm of 8 groups), got {self.width}")
+        if self.seed < 0 or self.warmup < 0 or self.emoji_every < 0 or self.eval_images < 0:
+            raise Krea2Error("train-ae: seed, warmup, emoji_every and eval_images must be >= 0")
 
 
 def parse_overrides(cfg: AEConfig, overrides: list[str]) -> AEConfig:
@@ -100,14 +111,11 @@ def parse_overrides(cfg: AEConfig, overrides: list[str]) -> AEConfig:
 
 
 # --------------------------------------------------------------------------------------------------------- data
-def to_tensor(images: np.ndarray) -> Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def to_uint8(x: Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (rounded, as a PNG would store it)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as a saved PNG."""
+    from krea2.rewards.world import to_canvases
+
+    return np.stack(to_canvases(x))
 
 
 def world_renders(n: int, size: int, seed: int, styles=None) -> tuple[Tensor, list]:
@@ -174,10 +182,18 @@ def lr_at(cfg: AEConfig, step: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
+def _mse(y: Tensor, x: Tensor) -> float:
+    """Mean squared error of the uint8-rounded reconstruction y against x, both (B, 3, H, W) in [-1, 1]."""
+    return float(((to_tensor(to_uint8(y)) - x) ** 2).mean())
+
+
+def _db(mse: float) -> float:
+    return 10 * math.log10(4 / max(mse, 1e-12))  # peak-to-peak 2 on [-1, 1]
+
+
 def psnr(y: Tensor, x: Tensor) -> float:
-    """dB on the [-1, 1] range (peak-to-peak 2), on the uint8-rounded reconstruction."""
-    mse = float(((to_tensor(to_uint8(y)) - x) ** 2).mean())
-    return 10 * math.log10(4 / max(mse, 1e-12))
+    """dB on the [-1, 1] range of the uint8-rounded reconstruction y against x."""
+    return _db(_mse(y, x))
 
 
 @torch.no_grad()
@@ -194,27 +210,20 @@ def reconstruction_report(encode, decode, size: int, n: int, seed: int = 12345) 
     per_style, total_ok, total_se = {}, 0, 0.0
     for i, style in enumerate(world.STYLES):
         x, scenes = world_renders(n, size, seed + 7919 * i, styles=[style])
-        ys = [decode(encode(x[j:j + 64])) for j in range(0, n, 64)]
-        y = torch.cat(ys)
-        ok = sum(checker.check(img, full_record(sc)) for img, sc in zip(to_uint8(y), scenes))
-        se = float(((to_tensor(to_uint8(y)) - x) ** 2).mean())
-        per_style[style] = {"psnr": 10 * math.log10(4 / max(se, 1e-12)), "accuracy": ok / n}
+        y = torch.cat([decode(encode(x[j:j + 64])) for j in range(0, n, 64)])
+        # the scene's whole record: every object with all its attributes, background and style
+        ok = sum(checker.check(img, world.scene_to_record(sc)) for img, sc in zip(to_uint8(y), scenes))
+        se = _mse(y, x)
+        per_style[style] = {"psnr": _db(se), "accuracy": ok / n}
         total_ok, total_se = total_ok + ok, total_se + se
     k = len(world.STYLES)
-    return {"size": size, "n_per_style": n, "psnr": 10 * math.log10(4 / max(total_se / k, 1e-12)),
-            "accuracy": total_ok / (n * k), "styles": per_style}
-
-
-def full_record(scene) -> dict:
-    """A checker record asking for everything in the scene (the strictest check of a reconstruction)."""
-    return {"prompt": "", "tag": "style", "background": scene.background, "style": scene.style,
-            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "position": o.position}
-                        for o in scene.objects]}
+    return {"size": size, "n_per_style": n, "psnr": _db(total_se / k), "accuracy": total_ok / (n * k),
+            "styles": per_style}
 
 
 @torch.no_grad()
 def latent_stats(ae, cfg: AEConfig, n: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of E(x) over fresh world renders at every training size (and emoji if used)."""
+    """Per-channel mean/std of E(x) over fresh world renders at every training size."""
     zs = []
     for size in cfg.sizes:
         x, _ = world_renders(n, size, seed=424242 + size)
@@ -229,17 +238,8 @@ def build_ae(cfg: AEConfig):
     torch.manual_seed(cfg.seed)
     ae = world_ae_class()(latent_channels=cfg.latent_channels, compression=4, width=cfg.width,
                           enc_blocks=cfg.enc_blocks, dec_blocks=cfg.dec_blocks)
-    ae.init_linear(_crops(cfg))
+    ae.init_linear([world_renders(256, size, seed=cfg.seed + size)[0] for size in cfg.sizes])
     return ae
-
-
-def _crops(cfg: AEConfig) -> Tensor:
-    """256 renders of every training size cut into crops of the smallest size: one batch for the PCA of patches."""
-    from einops import rearrange
-
-    s = min(cfg.sizes)
-    return torch.cat([rearrange(world_renders(256, size, seed=cfg.seed + size)[0],
-                                "b c (h p) (w q) -> (b h w) c p q", p=s, q=s) for size in cfg.sizes])
 
 
 def _recon_grid(ae, cfg: AEConfig) -> Tensor:
@@ -267,7 +267,10 @@ def train_autoencoder(cfg: AEConfig, out: str | Path, resume: bool = False, prog
     state_dir = out / "state"
     ckpt.recover_checkpoint(state_dir)
     if (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise Krea2Error(f"{out}/config.json is damaged; restore it or choose another --out") from None
         if not resume:
             raise Krea2Error(f"{out} already holds a train-ae run; pass --resume to continue it or choose another "
                              "--out")
@@ -278,7 +281,9 @@ def train_autoencoder(cfg: AEConfig, out: str | Path, resume: bool = False, prog
             raise Krea2Error(f"--resume with a different config than {out}/config.json ({', '.join(diff)}); "
                              "resume with the same settings or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(asdict(cfg), indent=1))
+    tmp.replace(out / "config.json")  # a kill mid-write never leaves a truncated config
 
     ae = build_ae(cfg)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -304,8 +309,8 @@ def train_autoencoder(cfg: AEConfig, out: str | Path, resume: bool = False, prog
         y = ae.decode(z)
         loss, parts = reconstruction_loss(y, x, cfg.grad_weight)
         if not torch.isfinite(loss):
-            raise Krea2Error(f"train-ae: loss became {loss.item()} at step {step}; lower lr (now {cfg.lr}) and "
-                             "rerun with --resume from the last state")
+            raise Krea2Error(f"train-ae: loss became {loss.item()} at step {step}; start a new --out with a lower "
+                             f"lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
@@ -325,14 +330,14 @@ def train_autoencoder(cfg: AEConfig, out: str | Path, resume: bool = False, prog
             ae.eval()
             for size in cfg.sizes:
                 rep = reconstruction_report(ae.encode, lambda v: ae.decode(v).clamp(-1, 1), size,
-                                            max(1, cfg.eval_images // 5))
+                                            max(1, cfg.eval_images // len(STYLES)))
                 writer.add_scalar(f"eval/psnr_{size}", rep["psnr"], step)
                 writer.add_scalar(f"eval/checker_{size}", rep["accuracy"], step)
                 tqdm.write(f"[train-ae] step {step} {size}px: PSNR {rep['psnr']:.2f} dB, checker "
                            f"{rep['accuracy']:.3f} " + " ".join(f"{s} {v['accuracy']:.2f}"
                                                                 for s, v in rep["styles"].items()))
             ae.train()
-        if step % cfg.save_every == 0 and step < cfg.steps:
+        if step % cfg.save_every == 0 or step == cfg.steps:  # the last too: --resume of a finished run is a no-op
             ckpt.save_training_state(state_dir, ae, opt, {"step": step})
     bar.close()
     writer.close()

@@ -1,7 +1,9 @@
 """Recipe files: TOML listing stages; each stage starts from the previous stage's output.
 
     name = "world"
-    [model]      preset = "world-s"            # or official fields; init = "world" / a checkpoint to start from
+    [model]      preset = "world-s"            # or official fields; init = "world" / a checkpoint to start from;
+                 transfer = CKPT (with a preset): start from CKPT's tensors wherever name and shape fit (not its
+                 encoders or sampling settings, which only `init` carries)
     [encoders]   text = "minilm"  autoencoder = "identity"
     [[stages]]   name = "pretrain-16"  steps = 3000  batch_size = 64  lr = 1e-3 ...
                  [stages.data]       source = "world"  size = 16  n_objects = [1, 1]
