@@ -539,7 +539,11 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
     lines = [f"recipe {recipe.name}: {model.num_params():,} parameters, text encoder {recipe.text_encoder}, "
              f"autoencoder {recipe.autoencoder}, {len(groups[0]['params'])}+{len(groups[1]['params'])} tensors "
              "with/without weight decay"]
-    compression = 1 if recipe.autoencoder == "identity" else 8
+    # spatial compression by kind, without loading the autoencoder (validation stays instant): identity 1, the world
+    # autoencoder 4, the released VAEs (qwen-image, flux2) 8
+    compression = {"identity": 1, "world": 4}.get((recipe.autoencoder or "").partition(":")[0], 8)
+    if recipe.model.transfer and check_paths:
+        resolve_checkpoint(recipe.model.transfer)  # a missing transfer checkpoint fails here, not at train time
     for s in recipe.stages:
         unit = compression * cfg.patch
         bad = [r for r in s.data.resolutions if r % unit]
