@@ -94,3 +94,17 @@ def test_negative_guidance_is_the_conditional_pass_alone(ckpt):
     a, b = pipe.generate(["a red circle"], base, seed=1), pipe.generate(["a red circle"], neg, seed=1)
     assert torch.equal(a, b)
     assert not torch.equal(a, pipe.generate(["a red circle"], pos, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["prompts", "recipe"])
+def test_files_that_are_not_utf8_text_are_one_line_errors(tmp_path, monkeypatch, capsys, kind):
+    bad = tmp_path / ("p.jsonl" if kind == "prompts" else "r.toml")
+    bad.write_bytes(b"\xff\xfe" + '{"prompt": "a"}'.encode("utf-16-le"))
+    args = (["eval", "world", "--prompts", bad, "--out", tmp_path / "r.json"] if kind == "prompts"
+            else ["train", bad, "--out", tmp_path / "run"])
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and "is not UTF-8 text (byte 0: 0xFF)" in err and "Traceback" not in err
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    code, err = run_main(monkeypatch, capsys, "train", folder, "--out", tmp_path / "run2")
+    assert code == 2 and ("is a folder" in err or "not found" in err)

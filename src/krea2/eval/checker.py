@@ -271,11 +271,13 @@ def validate_prompt_record(d, where: str = "") -> dict:
 
 def load_prompts(path: str | Path) -> list[dict]:
     """Read a JSONL prompt file; blank lines are skipped, anything malformed is an error naming file and line."""
+    from krea2.errors import read_text
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise Krea2Error(f"prompt file {path} not found; pass a JSON Lines file of world prompts")
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path, "prompt file").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -270,8 +270,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise Krea2Error(f"recipe not found: {path}")
+    from krea2.errors import read_text
+
+    text = read_text(path, "recipe")
     try:
-        d = tomllib.loads(path.read_text())
+        d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise Krea2Error(f"{path} is not valid TOML: {e}") from None
     for o in overrides or []:

@@ -478,11 +478,10 @@ class PromptPool:
                  cache_dir: str | Path | None = None, progress: bool = True):
         self.cfg, self.seed = cfg, seed
         self.pixels_per_token = autoencoder.compression * patch
-        if cfg.path:
-            lines = Path(cfg.path).read_text().splitlines() if Path(cfg.path).is_file() else None
-            if lines is None:
-                raise Krea2Error(f"prompt file not found: {cfg.path}")
-            self.records = [json.loads(line) for line in lines if line.strip()][: cfg.pool]
+        if cfg.path:  # the eval's own reader: one-line errors naming the file and line
+            from krea2.eval.checker import load_prompts
+
+            self.records = load_prompts(cfg.path)[: cfg.pool]
         else:  # every tag of the eval families, from a seed range the shipped eval prompts do not use
             from krea2.data.world import TAGS, make_eval_prompts
 
