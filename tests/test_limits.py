@@ -108,3 +108,20 @@ def test_files_that_are_not_utf8_text_are_one_line_errors(tmp_path, monkeypatch,
     folder.mkdir()
     code, err = run_main(monkeypatch, capsys, "train", folder, "--out", tmp_path / "run2")
     assert code == 2 and ("is a folder" in err or "not found" in err)
+
+
+@pytest.mark.parametrize("to", ["diffusers", "krea2"])
+def test_export_never_replaces_a_users_files_unasked(ckpt, tmp_path, monkeypatch, capsys, to):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    code, err = run_main(monkeypatch, capsys, "export", ckpt, out, "--to", to)
+    assert code == 2 and "already exists and is not empty" in err and "--overwrite" in err
+    assert (out / "config.json").read_text() == "mine"
+    code, err = run_main(monkeypatch, capsys, "export", ckpt, out / "config.json", "--to", to)
+    assert code == 2 and "is not a folder" in err
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(cli.app, ["export", str(ckpt), str(out), "--to", to, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").read_text() != "mine" and not list(tmp_path.glob(".d.*"))  # no temp left

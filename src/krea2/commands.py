@@ -103,7 +103,7 @@ def export(
     dtype: Annotated[str | None, typer.Option(
         help="Cast the weights: bf16 | fp16 | fp32, or fp8 (--to krea2: the ComfyUI scaled-fp8 layout, blocks "
              "only; default: as stored).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing krea2 output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing, non-empty output folder.")] = False,
 ):
     """Export a DiT to diffusers, or re-save a krea2 checkpoint folder (e.g. in bf16 for shipping)."""
     import torch
@@ -119,6 +119,10 @@ def export(
         raise Krea2Error("--dtype fp8 writes the ComfyUI scaled-fp8 layout, for --to krea2 only; diffusers folders "
                          "take bf16, fp16 or fp32")
     torch_dtype = None if dtype == "fp8" else parse_dtype(dtype)
+    if out.exists() and not out.is_dir():
+        raise Krea2Error(f"{out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # before loading: refuse without doing the work
+        raise Krea2Error(f"{out} already exists and is not empty; choose another output folder or pass --overwrite")
     info = resolve_checkpoint(checkpoint)
     model = load_dit(info.model_path, info.model)
     stored = quantized_format(model)
@@ -130,7 +134,7 @@ def export(
     if stored:  # an 8-bit checkpoint written in a float dtype: dequantised (its quantisation error stays)
         dequantize_dit(model, torch_dtype or torch.bfloat16)
     if to == "diffusers":
-        export_diffusers(model, out, dtype=torch_dtype)
+        export_diffusers(model, out, dtype=torch_dtype, overwrite=overwrite)
         typer.echo(f"wrote a diffusers Krea2Transformer2DModel folder to {out}")
         return
     write_checkpoint_dir(out, model, info.text_encoder, info.autoencoder, info.sampling, info.resolution,

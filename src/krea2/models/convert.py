@@ -44,11 +44,15 @@ def to_diffusers(model: DiT):
     return out.eval()
 
 
-def export_diffusers(model: DiT, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a folder that `Krea2Transformer2DModel.from_pretrained(out_dir)` loads."""
-    out_dir = Path(out_dir)
+def export_diffusers(model: DiT, out_dir: str | Path, dtype: torch.dtype | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write a folder that `Krea2Transformer2DModel.from_pretrained(out_dir)` loads, published whole (crash-safe).
+
+    Raises Krea2Error if out_dir is a file, or a non-empty folder and overwrite is False (nothing is replaced unasked).
+    """
+    from krea2.models.checkpoint import publish_dir
+
     tf = to_diffusers(model)
     if dtype is not None:
         tf = tf.to(dtype)
-    tf.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return publish_dir(out_dir, lambda tmp: tf.save_pretrained(tmp, safe_serialization=True), overwrite=overwrite)
