@@ -125,3 +125,18 @@ def test_export_never_replaces_a_users_files_unasked(ckpt, tmp_path, monkeypatch
     res = CliRunner().invoke(cli.app, ["export", str(ckpt), str(out), "--to", to, "--overwrite"])
     assert res.exit_code == 0, res.output
     assert (out / "config.json").read_text() != "mine" and not list(tmp_path.glob(".d.*"))  # no temp left
+
+
+@pytest.mark.parametrize("field, value", [("patch", 4.0), ("layers", "6"), ("bias", 1), ("theta", float("nan")),
+                                          ("heads", 0), ("channels", True)])
+def test_checkpoint_config_values_are_type_checked_on_load(ckpt, tmp_path, monkeypatch, capsys, field, value):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"][field] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, err = run_main(monkeypatch, capsys, "generate", "x", "--checkpoint", bad, "--out", tmp_path / "o")
+    assert code == 2 and "not a valid krea2 config" in err and field in err and "Traceback" not in err

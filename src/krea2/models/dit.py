@@ -45,6 +45,18 @@ class DiTConfig:
     txtblocks: int = 2  # layerwise and refiner blocks each; 2 in the release (not an official config field)
 
     def __post_init__(self):
+        # every field typed and in range first: a 4.0 or "4" would otherwise fail deep inside torch
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+            elif f.type in ("bool", bool):
+                if not isinstance(v, bool):
+                    raise ValueError(f"{f.name} must be true or false, got {v!r}")
+            elif f.type in ("float", float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise ValueError(f"{f.name} must be a positive number, got {v!r}")
         for name, heads in (("features", self.heads), ("txtdim", self.txtheads)):
             if getattr(self, name) % heads:
                 raise ValueError(f"{name}={getattr(self, name)} is not divisible by its head count {heads}")
