@@ -325,3 +325,16 @@ def test_transfer_copies_every_fitting_tensor_and_keeps_the_rest(tmp_path):
                                           "txtheads": 3, "txtkvheads": 3, "txtlayers": 5, "multiplier": 3})))
     with pytest.raises(Krea2Error, match="no tensor of that checkpoint fits"):
         transfer_weights(other, str(src))
+
+
+@pytest.mark.parametrize("damage", ["truncate-metadata", "garble-extra"])
+def test_damaged_training_state_is_a_one_line_error_naming_it(tmp_path, damage):
+    recipe = load_recipe(write_recipe(tmp_path, steps=4))
+    recipe.stages[0].save_every = 2
+    train_recipe(recipe, tmp_path / "r", progress=False)
+    (tmp_path / "r" / "a" / "final" / "model.safetensors").unlink()  # as if killed after the step-2 save
+    state = tmp_path / "r" / "a" / "state"
+    target = state / (".metadata" if damage == "truncate-metadata" else "extra.json")
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 3])
+    with pytest.raises(Krea2Error, match=r"training state in .*state is damaged.*move it aside"):
+        train_recipe(recipe, tmp_path / "r", resume=True, progress=False)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -168,7 +169,12 @@ def load_training_state(directory: str | os.PathLike, model: nn.Module,
     if not is_checkpoint(directory):
         raise Krea2Error(f"{directory} is not a complete krea2 checkpoint (no .metadata or {EXTRA_FILE})")
     state = _training_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
+    try:
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
+    except (Exception, CheckpointException) as e:  # DCP's own CheckpointException is a BaseException
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise Krea2Error(f"the training state in {directory} is damaged or does not fit this run ({first}); "
+                         f"restore it, or move it aside to restart that stage from its start") from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -191,7 +197,11 @@ def read_extra(directory: Path) -> dict:
 
     from safetensors.torch import load_file
 
-    extra = json.loads((directory / EXTRA_FILE).read_text())
+    try:
+        extra = json.loads((directory / EXTRA_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Krea2Error(f"the training state in {directory} is damaged ({EXTRA_FILE} is not valid JSON); restore it, "
+                         "or move it aside to restart that stage from its start") from None
     if (directory / EXTRA_TENSORS).is_file():
         extra.update(load_file(str(directory / EXTRA_TENSORS)))
     return extra
