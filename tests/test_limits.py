@@ -140,3 +140,18 @@ def test_checkpoint_config_values_are_type_checked_on_load(ckpt, tmp_path, monke
     (bad / "config.json").write_text(json.dumps(cfg))
     code, err = run_main(monkeypatch, capsys, "generate", "x", "--checkpoint", bad, "--out", tmp_path / "o")
     assert code == 2 and "not a valid krea2 config" in err and field in err and "Traceback" not in err
+
+
+def test_database_urls_unsupported_schemes_and_credentials():
+    from krea2.data.curation.store import Store, redact, resolve_url
+
+    for url in ("mysql://u:p@localhost/db", "mongodb://x/y", "http://h/db"):
+        with pytest.raises(Krea2Error, match="unsupported database URL scheme"):
+            resolve_url(url)
+    with pytest.raises(Krea2Error) as e:
+        resolve_url("mysql://u:s3cret@localhost/db")
+    assert "s3cret" not in str(e.value)
+    assert redact("postgresql://u:s3cret@127.0.0.1:1/db") == "postgresql://u:***@127.0.0.1:1/db"
+    with pytest.raises(Krea2Error) as e:  # nothing listens on port 1: the connection error must not echo the password
+        Store("postgresql://u:s3cret@127.0.0.1:1/db")
+    assert "s3cret" not in str(e.value) and "***" in str(e.value)

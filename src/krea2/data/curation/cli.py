@@ -28,10 +28,10 @@ def _options(opts: list[str]) -> dict:
 @app.command()
 def init(db: str = DB):
     """Create or migrate the image table."""
-    from krea2.data.curation.store import open_store
+    from krea2.data.curation.store import open_store, redact
 
     with open_store(db, migrate=True) as s:
-        typer.echo(f"{s.url}: schema version {s.version()}, {s.count()} images")
+        typer.echo(f"{redact(s.url)}: schema version {s.version()}, {s.count()} images")
 
 
 @app.command()

@@ -91,7 +91,38 @@ class Claim:
 
 
 def resolve_url(url: str | None) -> str:
-    return url or os.environ.get(DB_ENV) or DEFAULT_DB
+    """The database URL to use: postgres(ql)://..., sqlite:///PATH or a plain file path (SQLite).
+
+    Raises Krea2Error for any other scheme (mysql://... would otherwise become an SQLite file named after it)."""
+    url = url or os.environ.get(DB_ENV) or DEFAULT_DB
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme and scheme not in ("postgres", "postgresql", "sqlite"):
+        raise Krea2Error(f"unsupported database URL scheme {scheme}:// in {redact(url)}; use postgresql://... or "
+                         "sqlite:///PATH")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***: never print credentials."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable database URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def urlsplit_password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 class Store:
@@ -112,7 +143,12 @@ class Store:
                 self.conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
             except psycopg.OperationalError as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise Krea2Error(f"cannot connect to {self.url}: {first} (start one with scripts/pg.sh start)") from e
+                first = first.replace(self.url, redact(self.url))
+                pw = urlsplit_password(self.url)
+                if pw:
+                    first = first.replace(pw, "***")
+                raise Krea2Error(f"cannot connect to {redact(self.url)}: {first} (start one with scripts/pg.sh "
+                                 "start)") from None
             self.now = "extract(epoch from clock_timestamp())"
         else:
             self.backend = "sqlite"
@@ -223,7 +259,8 @@ class Store:
         latest = MIGRATIONS[-1][0]
         v = self.version()
         if v < latest:
-            raise Krea2Error(f"curation table at {self.url} is at schema {v}, need {latest}: run `krea2 curate init`")
+            raise Krea2Error(f"curation table at {redact(self.url)} is at schema {v}, need {latest}: run "
+                             "`krea2 curate init`")
 
     def ensure_job(self, job: str) -> None:
         """Add the columns of an ad-hoc job (`krea2 curate map --column NAME`) if missing."""
