@@ -155,3 +155,14 @@ def test_database_urls_unsupported_schemes_and_credentials():
     with pytest.raises(Krea2Error) as e:  # nothing listens on port 1: the connection error must not echo the password
         Store("postgresql://u:s3cret@127.0.0.1:1/db")
     assert "s3cret" not in str(e.value) and "***" in str(e.value)
+
+
+@pytest.mark.parametrize("where, needle", [("nosuchcol = 1", "no such column"), ("1=1; DROP TABLE images", "no ';'"),
+                                           ("decode_ok ==== 1", "not a valid condition")])
+def test_sql_filters_are_checked_against_the_table(tmp_path, monkeypatch, capsys, where, needle):
+    from typer.testing import CliRunner
+
+    db = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    assert CliRunner().invoke(cli.app, ["curate", "init", "--db", db]).exit_code == 0
+    code, err = run_main(monkeypatch, capsys, "curate", "reset", "decode", "--db", db, "--where", where)
+    assert code == 2 and needle in err and "Traceback" not in err

@@ -87,7 +87,10 @@ def map_(fn: str = typer.Argument(..., help="module.path:function taking a row d
          lease: float = typer.Option(300.0)):
     """Run a Python function over a filtered slice of the table with many workers (the notebook `map`)."""
     from krea2.data.curation.jobs import run_workers
+    from krea2.data.curation.store import open_store
 
+    with open_store(db) as s:  # a bad filter is one line here, not an error in every worker
+        s.check_where(where)
     st = run_workers(db, column, workers=workers, fn=fn, where=where, batch=batch, lease_s=lease)
     typer.echo(f"{column}: wrote {st.written}, failed attempts {st.failed}")
 

@@ -341,8 +341,22 @@ class Store:
         """Rows still to do for `job`, claimed or not."""
         return self.count(f"{job} IS NULL AND ({upstream})")
 
+    def check_where(self, where: str) -> str:
+        """A user's SQL row filter, checked against the table before use (one statement, known columns, valid SQL).
+
+        Raises Krea2Error with the database's own reason, e.g. an unknown column."""
+        if ";" in where:
+            raise Krea2Error(f"--where {where!r}: one SQL condition only (no ';'), e.g. \"decode_ok = 1\"")
+        try:
+            self.execute(f"SELECT id FROM images WHERE {where} LIMIT 0")
+        except Exception as e:  # sqlite3 / psycopg errors (autocommit: nothing to roll back): bad column, syntax, types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise Krea2Error(f"--where {where!r} is not a valid condition on the image table: {first}") from None
+        return where
+
     def reset(self, job: str, where: str = "1=1") -> int:
         """Clear a job's results (and so everything downstream re-runs only where it filters on them)."""
+        self.check_where(where)
         cols = job_columns(job)
         sets = ", ".join(f"{c} = NULL" if "DEFAULT 0" not in t else f"{c} = 0" for c, t in cols.items())
         return self.execute_count(f"UPDATE images SET {sets} WHERE {where}")
