@@ -19,3 +19,21 @@ def fixture_dirs() -> list[Path]:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def cli_error(monkeypatch, capsys):
+    """`cli_error(*args)` runs `krea2 ARGS` as the console script does when it fails; returns (exit code, stderr)."""
+    import sys
+
+    from krea2 import cli
+
+    cli._mount()
+
+    def run(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["krea2", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        return e.value.code, capsys.readouterr().err
+
+    return run

@@ -3,7 +3,6 @@ prompts, unbounded sizes, an output path that is a file; negative guidance is th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ def ckpt(tmp_path_factory) -> Path:
     return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["krea2", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("args, needle", [
     (["--steps", "-3"], "steps must be between 1 and 1000, got -3"),
     (["--steps", "0"], "steps must be between 1 and 1000, got 0"),
@@ -42,9 +34,9 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
     (["--num-images", "0"], "--num-images must be between 1 and 1024, got 0"),
     (["--num-images", "5000"], "--num-images must be between 1 and 1024"),
 ])
-def test_generate_refuses_out_of_range_options(ckpt, tmp_path, monkeypatch, capsys, args, needle):
+def test_generate_refuses_out_of_range_options(ckpt, tmp_path, cli_error, args, needle):
     out = tmp_path / "out"
-    code, err = run_main(monkeypatch, capsys, "generate", "a red circle", "--checkpoint", ckpt, "--out", out, *args)
+    code, err = cli_error("generate", "a red circle", "--checkpoint", ckpt, "--out", out, *args)
     assert code == 2 and needle in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # refused before any work or output
@@ -52,15 +44,15 @@ def test_generate_refuses_out_of_range_options(ckpt, tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("prompts, needle", [([""], "prompt 1 is empty"),
                                              (["a red circle", "   "], "prompt 2 is empty")])
-def test_empty_prompts_are_refused(ckpt, tmp_path, monkeypatch, capsys, prompts, needle):
-    code, err = run_main(monkeypatch, capsys, "generate", *prompts, "--checkpoint", ckpt, "--out", tmp_path / "o")
+def test_empty_prompts_are_refused(ckpt, tmp_path, cli_error, prompts, needle):
+    code, err = cli_error("generate", *prompts, "--checkpoint", ckpt, "--out", tmp_path / "o")
     assert code == 2 and needle in err
 
 
-def test_output_that_is_a_file_is_refused_before_sampling(ckpt, tmp_path, monkeypatch, capsys):
+def test_output_that_is_a_file_is_refused_before_sampling(ckpt, tmp_path, cli_error):
     f = tmp_path / "taken.png"
     f.write_bytes(b"keep me")
-    code, err = run_main(monkeypatch, capsys, "generate", "x", "--checkpoint", ckpt, "--out", f)
+    code, err = cli_error("generate", "x", "--checkpoint", ckpt, "--out", f)
     assert code == 2 and "is a file" in err
     assert f.read_bytes() == b"keep me"
 
@@ -97,28 +89,28 @@ def test_negative_guidance_is_the_conditional_pass_alone(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["prompts", "recipe"])
-def test_files_that_are_not_utf8_text_are_one_line_errors(tmp_path, monkeypatch, capsys, kind):
+def test_files_that_are_not_utf8_text_are_one_line_errors(tmp_path, cli_error, kind):
     bad = tmp_path / ("p.jsonl" if kind == "prompts" else "r.toml")
     bad.write_bytes(b"\xff\xfe" + '{"prompt": "a"}'.encode("utf-16-le"))
     args = (["eval", "world", "--prompts", bad, "--out", tmp_path / "r.json"] if kind == "prompts"
             else ["train", bad, "--out", tmp_path / "run"])
-    code, err = run_main(monkeypatch, capsys, *args)
+    code, err = cli_error(*args)
     assert code == 2 and "is not UTF-8 text (byte 0: 0xFF)" in err and "Traceback" not in err
     folder = tmp_path / "folder.toml"
     folder.mkdir()
-    code, err = run_main(monkeypatch, capsys, "train", folder, "--out", tmp_path / "run2")
+    code, err = cli_error("train", folder, "--out", tmp_path / "run2")
     assert code == 2 and ("is a folder" in err or "not found" in err)
 
 
 @pytest.mark.parametrize("to", ["diffusers", "krea2"])
-def test_export_never_replaces_a_users_files_unasked(ckpt, tmp_path, monkeypatch, capsys, to):
+def test_export_never_replaces_a_users_files_unasked(ckpt, tmp_path, cli_error, to):
     out = tmp_path / "d"
     out.mkdir()
     (out / "config.json").write_text("mine")
-    code, err = run_main(monkeypatch, capsys, "export", ckpt, out, "--to", to)
+    code, err = cli_error("export", ckpt, out, "--to", to)
     assert code == 2 and "already exists and is not empty" in err and "--overwrite" in err
     assert (out / "config.json").read_text() == "mine"
-    code, err = run_main(monkeypatch, capsys, "export", ckpt, out / "config.json", "--to", to)
+    code, err = cli_error("export", ckpt, out / "config.json", "--to", to)
     assert code == 2 and "is not a folder" in err
     from typer.testing import CliRunner
 
@@ -129,7 +121,7 @@ def test_export_never_replaces_a_users_files_unasked(ckpt, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("field, value", [("patch", 4.0), ("layers", "6"), ("bias", 1), ("theta", float("nan")),
                                           ("heads", 0), ("channels", True)])
-def test_checkpoint_config_values_are_type_checked_on_load(ckpt, tmp_path, monkeypatch, capsys, field, value):
+def test_checkpoint_config_values_are_type_checked_on_load(ckpt, tmp_path, cli_error, field, value):
     import json
     import shutil
 
@@ -138,7 +130,7 @@ def test_checkpoint_config_values_are_type_checked_on_load(ckpt, tmp_path, monke
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model"][field] = value
     (bad / "config.json").write_text(json.dumps(cfg))
-    code, err = run_main(monkeypatch, capsys, "generate", "x", "--checkpoint", bad, "--out", tmp_path / "o")
+    code, err = cli_error("generate", "x", "--checkpoint", bad, "--out", tmp_path / "o")
     assert code == 2 and "not a valid krea2 config" in err and field in err and "Traceback" not in err
 
 
@@ -159,10 +151,10 @@ def test_database_urls_unsupported_schemes_and_credentials():
 
 @pytest.mark.parametrize("where, needle", [("nosuchcol = 1", "no such column"), ("1=1; DROP TABLE images", "no ';'"),
                                            ("decode_ok ==== 1", "not a valid condition")])
-def test_sql_filters_are_checked_against_the_table(tmp_path, monkeypatch, capsys, where, needle):
+def test_sql_filters_are_checked_against_the_table(tmp_path, cli_error, where, needle):
     from typer.testing import CliRunner
 
     db = f"sqlite:///{tmp_path / 'c.sqlite'}"
     assert CliRunner().invoke(cli.app, ["curate", "init", "--db", db]).exit_code == 0
-    code, err = run_main(monkeypatch, capsys, "curate", "reset", "decode", "--db", db, "--where", where)
+    code, err = cli_error("curate", "reset", "decode", "--db", db, "--where", where)
     assert code == 2 and needle in err and "Traceback" not in err

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 
 import pytest
 import torch
@@ -348,13 +347,6 @@ def ckpt(tmp_path_factory):
     return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["krea2", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code, capsys.readouterr().err
-
-
 def test_generate_and_export_quantized(ckpt, tmp_path):
     runner = CliRunner()
     out = tmp_path / "fp8"
@@ -369,7 +361,7 @@ def test_generate_and_export_quantized(ckpt, tmp_path):
         assert (tmp_path / "g" / "0000.png").is_file()
 
 
-def test_bad_quantize_options_exit_2_with_one_line(ckpt, tmp_path, monkeypatch, capsys):
+def test_bad_quantize_options_exit_2_with_one_line(ckpt, tmp_path, cli_error):
     lora = tmp_path / "l.safetensors"
     save_file({"x": torch.zeros(1)}, str(lora))
     cases = {
@@ -379,7 +371,7 @@ def test_bad_quantize_options_exit_2_with_one_line(ckpt, tmp_path, monkeypatch, 
         "fp8 diffusers": (["export", ckpt, tmp_path / "d", "--to", "diffusers", "--dtype", "fp8"], "--to krea2 only"),
     }
     for name, (args, needle) in cases.items():
-        code, err = run_main(monkeypatch, capsys, *args)
+        code, err = cli_error(*args)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (name, err)
         assert "Traceback" not in err

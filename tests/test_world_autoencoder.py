@@ -1,7 +1,6 @@
 """The world autoencoder: training (`krea2 train-ae`), exact resume, loading with latent normalisation, evaluation."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -116,19 +115,12 @@ def test_overrides_and_bad_input():
             tae.parse_overrides(tae.AEConfig(), [bad])
 
 
-def _main(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["krea2", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code, capsys.readouterr().err
-
-
-def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    code, err = _main(monkeypatch, capsys, "eval", "ae", "--vae", f"world:{tmp_path}", "--size", "32")
+def test_cli_errors_are_one_line(tmp_path, cli_error):
+    code, err = cli_error("eval", "ae", "--vae", f"world:{tmp_path}", "--size", "32")
     assert code == 2 and "no world autoencoder" in err and "Traceback" not in err
-    code, err = _main(monkeypatch, capsys, "eval", "ae", "--vae", "identity", "--size", "31")
+    code, err = cli_error("eval", "ae", "--vae", "identity", "--size", "31")
     assert code == 2 and "--size 31" in err
-    code, err = _main(monkeypatch, capsys, "train-ae", "--out", tmp_path / "r", "--set", "steps=0")
+    code, err = cli_error("train-ae", "--out", tmp_path / "r", "--set", "steps=0")
     assert code == 2 and "steps must be >= 1" in err
     r = CliRunner().invoke(cli.app, ["eval", "ae", "--vae", "identity", "--size", "32", "--n", "4"])
     assert r.exit_code == 0, r.output
