@@ -90,7 +90,7 @@ def test_cli_world_end_to_end_on_a_tiny_random_checkpoint(tmp_path):
     prompts.write_text("\n".join(lines) + "\n")
     out = tmp_path / "report.json"
     result = CliRunner().invoke(app, ["world", "--checkpoint", str(ckpt), "--prompts", str(prompts), "--out",
-                                      str(out), "--images-per-prompt", "2", "--steps", "1", "--seed", "3"])
+                                      str(out), "--steps", "1", "--seed", "3"])  # 2 images per prompt by default
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("overall ")
