@@ -132,12 +132,18 @@ def guided_velocity(model: Callable, x: Tensor, t: Tensor, cond: Conditioning, u
     return vc + guidance * (vc - vu)
 
 
+def model_dtype_of(model: Callable, x: Tensor) -> torch.dtype:
+    """The dtype a model's inputs are cast to: its first parameter's, else x's (a function or parameter-free module)."""
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return x.dtype if p is None else p.dtype
+
+
 @torch.no_grad()
 def euler_sample(model: Callable, x: Tensor, ts: Tensor, cond: Conditioning, uncond: Conditioning | None,
                  guidance: float, progress: Callable | None = None) -> Tensor:
     """Euler from ts[0] = 1 to ts[-1] = 0 over tokens x; the state stays in x's dtype (fp32 by default)."""
     B = x.shape[0]
-    model_dtype = next(iter(model.parameters())).dtype if isinstance(model, torch.nn.Module) else x.dtype
+    model_dtype = model_dtype_of(model, x)
     for k in range(len(ts) - 1):
         t = torch.full((B,), float(ts[k]), device=x.device, dtype=x.dtype)
         v = guided_velocity(model, x.to(model_dtype), t, cond, uncond, guidance)
@@ -245,15 +251,41 @@ def sde_step(x: Tensor, v: Tensor, t: float | Tensor, t_next: float | Tensor, et
     return x_next, torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
 
 
+def x0_from_velocity(x: Tensor, v: Tensor, t: float | Tensor) -> Tensor:
+    """The clean-sample prediction x0 = x_t - t·v of x_t = (1 - t) x0 + t ε with v = ε - x0 (t float or (B,))."""
+    return x - _per_sample(t, x) * v
+
+
+def noise_from_velocity(x: Tensor, v: Tensor, t: float | Tensor) -> Tensor:
+    """The noise prediction ε = x_t + (1 - t)·v (t float or (B,)); with x0_from_velocity it gives x_t back."""
+    return x + (1 - _per_sample(t, x)) * v
+
+
+def forward_transition(x_s: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Diffuse x_s at time s to a later time t >= s along q(x_t | x_s) of x_t = (1 - t) x0 + t ε:
+        x_t = (α_t / α_s) x_s + β ε',   β² = σ_t² - (α_t / α_s)² σ_s²,   α = 1 - t, σ = t.
+    x_s, noise: (B, ...); s, t: (B,) in [0, 1) with t >= s. Returns x_t and the ratio α_t / α_s (B, 1, ...), so the
+    caller can express x_t's noise relative to a clean prediction (TDM's mixed noise). Raises ValueError if t < s.
+    """
+    if bool((t < s).any()):
+        raise ValueError("forward_transition: t must be >= s (it adds noise; it cannot remove it)")
+    s, t = _per_sample(s, x_s), _per_sample(t, x_s)
+    ratio = (1 - t) / (1 - s)
+    beta = (t**2 - (ratio * s) ** 2).clamp_min(0).sqrt()
+    return ratio * x_s + beta * noise, ratio
+
+
 @dataclass
 class SampleResult:
     """What `sample` returns. x: (B, N, D) final tokens at ts[-1]. trajectory: the K + 1 states x_0 (the input noise)
-    .. x_K (K = len(ts) - 1) when asked, else None. log_probs: (B, K) per-step log-densities for step="sde", else None.
+    .. x_K (K = len(ts) - 1) when asked, else None; velocities: the K guided velocities at x_0 .. x_{K-1} with it.
+    log_probs: (B, K) per-step log-densities for step="sde", else None.
     """
 
     x: Tensor
     trajectory: list[Tensor] | None = None
     log_probs: Tensor | None = None
+    velocities: list[Tensor] | None = None
 
 
 def sample(model: Callable, x: Tensor, ts: Tensor, cond: Conditioning, uncond: Conditioning | None, guidance: float,
@@ -269,14 +301,17 @@ def sample(model: Callable, x: Tensor, ts: Tensor, cond: Conditioning, uncond: C
     if step not in ("euler", "sde"):
         raise ValueError(f"sample: unknown step {step!r}; use 'euler' or 'sde'")
     B = x.shape[0]
-    model_dtype = next(iter(model.parameters())).dtype if isinstance(model, torch.nn.Module) else x.dtype
+    model_dtype = model_dtype_of(model, x)
     states = [x] if trajectory else None
+    velocities = [] if trajectory else None
     log_probs = []
     with torch.set_grad_enabled(grad):
         for k in range(len(ts) - 1):
             t, t_next = float(ts[k]), float(ts[k + 1])
             tt = torch.full((B,), t, device=x.device, dtype=x.dtype)
             v = guided_velocity(model, x.to(model_dtype), tt, cond, uncond, guidance)
+            if velocities is not None:
+                velocities.append(v)
             if step == "euler":
                 x = euler_step(x, v.to(x.dtype), t, t_next)
             else:
@@ -287,5 +322,5 @@ def sample(model: Callable, x: Tensor, ts: Tensor, cond: Conditioning, uncond: C
             if progress is not None:
                 progress(k)
     if step == "euler":
-        return SampleResult(x, states, None)
-    return SampleResult(x, states, torch.stack(log_probs, dim=1) if log_probs else x.new_zeros(B, 0))
+        return SampleResult(x, states, None, velocities)
+    return SampleResult(x, states, torch.stack(log_probs, dim=1) if log_probs else x.new_zeros(B, 0), velocities)

@@ -26,6 +26,7 @@ def world(
     seed: Annotated[int, typer.Option(help="Image i of the run uses seed + i.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Euler steps (default: the checkpoint's).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance g (default: the checkpoint's).")] = None,
+    mu: Annotated[float | None, typer.Option(help="Schedule shift mu (default: the checkpoint's).")] = None,
     size: Annotated[int | None, typer.Option(help="Image side in px (default: the model's native side).")] = None,
     fid: Annotated[bool, typer.Option(help="Also report FID against world renders.")] = True,
 ):
@@ -40,7 +41,8 @@ def world(
     side = size or pipe.resolution
     check_size(side)  # before the size note, as before: a side the checker cannot read fails first
     note_snapped_size(pipe, side, side)
-    report, images = evaluate_pipeline(pipe, records, images_per_prompt, seed, steps, guidance, size, with_fid=fid)
+    report, images = evaluate_pipeline(pipe, records, images_per_prompt, seed, steps, guidance, size, with_fid=fid,
+                                       mu=mu)
     report["checkpoint"], report["prompts"] = checkpoint, str(prompts_path(prompts))
     report_path, grid_path = write_report(report, images, out, cols=max(images_per_prompt, 9))
     typer.echo(f"wrote {report_path} and {grid_path} ({report['n_images']} images, "

@@ -98,13 +98,34 @@ def hf_ratio_to_world(images: Sequence) -> float:
     return high_frequency_energy(images) / high_frequency_energy(ref)
 
 
+def seed_diversity(images: Sequence, images_per_prompt: int) -> float | None:
+    """Spread across seeds of one prompt: the mean pairwise L2 distance between the world-encoder features of a
+    prompt's images (consecutive groups of images_per_prompt), averaged over prompts. A mode-collapsed model (a
+    distilled student drawing the same picture for every seed) scores near 0. None below 2 images per prompt or
+    without the encoder weights."""
+    from krea2.eval.fid import world_features
+
+    if images_per_prompt < 2:
+        return None
+    try:
+        f = world_features([checker.as_canvas(im) for im in images])
+    except FileNotFoundError:
+        return None
+    groups = f.reshape(-1, images_per_prompt, f.shape[-1])
+    d = np.linalg.norm(groups[:, :, None] - groups[:, None, :], axis=-1)
+    pairs = images_per_prompt * (images_per_prompt - 1)
+    return float((d.sum(axis=(1, 2)) / pairs).mean())
+
+
 def evaluate_pipeline(pipe, records: Sequence[dict], images_per_prompt: int = 1, seed: int = 0,
                       steps: int | None = None, guidance: float | None = None, size: int | None = None,
-                      with_fid: bool = True) -> tuple[dict, list]:
+                      with_fid: bool = True, mu: float | None = None) -> tuple[dict, list]:
     """Generate images_per_prompt images per record (image i of the run uses seed + i), check and report.
 
-    pipe is a krea2.pipeline.Pipeline (or anything with its sampling_config/generate/resolution); steps/guidance
-    of None keep the checkpoint's. Returns (report, PIL images). Raises Krea2Error for a bad size or count.
+    pipe is a krea2.pipeline.Pipeline (or anything with its sampling_config/generate/resolution); steps/guidance/mu
+    of None keep the checkpoint's. Returns (report, PIL images); the report also gives the model calls per image
+    (nfe), sampling seconds per image and the seed diversity (`seed_diversity`). Raises Krea2Error for a bad size
+    or count.
     """
     from krea2.pipeline import to_pil
 
@@ -114,7 +135,7 @@ def evaluate_pipeline(pipe, records: Sequence[dict], images_per_prompt: int = 1,
     check_size(size)
     expanded = [r for r in records for _ in range(images_per_prompt)]
     t0 = time.perf_counter()
-    sampling = pipe.sampling_config(steps=steps, guidance=guidance)
+    sampling = pipe.sampling_config(steps=steps, guidance=guidance, mu=mu)
     images = to_pil(pipe.generate([r["prompt"] for r in expanded], sampling, seed=seed, width=size, height=size))
     t1 = time.perf_counter()
     summary, rows = evaluate_images(expanded, images)
@@ -123,10 +144,13 @@ def evaluate_pipeline(pipe, records: Sequence[dict], images_per_prompt: int = 1,
     t3 = time.perf_counter()
     for i, row in enumerate(rows):
         row["seed"] = seed + i
-    report = {**summary, "fid": fid, "hf_ratio": round(hf_ratio_to_world(images), 4), "n_prompts": len(records),
+    report = {**summary, "fid": fid, "hf_ratio": round(hf_ratio_to_world(images), 4),
+              "diversity": seed_diversity(images, images_per_prompt),
+              "nfe": sampling.steps * (2 if sampling.guidance > 0 else 1),
+              "seconds_per_image": round((t1 - t0) / len(images), 5), "n_prompts": len(records),
               "n_images": len(images),
-              "settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps,
-                           "guidance": guidance, "size": size},
+              "settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": sampling.steps,
+                           "guidance": sampling.guidance, "mu": sampling.mu, "size": size},
               "seconds": {"generate": round(t1 - t0, 2), "check": round(t2 - t1, 2), "fid": round(t3 - t2, 2)},
               "images": rows}
     return report, images
@@ -148,5 +172,9 @@ def format_summary(report: dict) -> list[str]:
         lines.append(f"{'fid':14s} {report['fid']:.2f}  (world encoder, vs world renders)")
     if report.get("hf_ratio") is not None:
         lines.append(f"{'hf_ratio':14s} {report['hf_ratio']:.3f}  (high-frequency energy / world renders')")
+    if report.get("diversity") is not None:
+        lines.append(f"{'diversity':14s} {report['diversity']:.3f}  (world-encoder spread across seeds of a prompt)")
+    if report.get("nfe") is not None:
+        lines.append(f"{'nfe':14s} {report['nfe']}  ({report['seconds_per_image'] * 1000:.1f} ms sampling per image)")
     lines.append(f"overall {report['overall']:.4f}")
     return lines

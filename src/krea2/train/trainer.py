@@ -212,7 +212,12 @@ def build_optimizers(objective, models, stage: StageConfig) -> tuple[dict, dict]
 
 
 def objective_env(ctx: Context, cfg, stage: StageConfig, data_size: int | None = None) -> ObjectiveEnv:
-    return ObjectiveEnv(cfg, ctx.sampling, ctx.autoencoder.compression * cfg.patch, stage.steps, data_size)
+    from krea2.models.text_encoders import encode_valid_rows, pad_rows
+    from krea2.train.data import TEXT_PAD
+
+    null = pad_rows(encode_valid_rows(ctx.text_encoder, [""]), multiple=TEXT_PAD, dtype=torch.float32,
+                    device=ctx.dist.device)
+    return ObjectiveEnv(cfg, ctx.sampling, ctx.autoencoder.compression * cfg.patch, stage.steps, data_size, null)
 
 
 @dataclass

@@ -1,18 +1,22 @@
 """Objectives by name: `[stages.objective] name = "..."` picks the class; the rest of the table is its Config.
 
-    OBJECTIVES = {"flow": FlowMatching, "dpo": DiffusionDPO, "stpo": STPO, "grpo": FlowGRPO}
+    OBJECTIVES = {"flow": FlowMatching, "dpo": DiffusionDPO, "stpo": STPO, "grpo": FlowGRPO, "tdm": TDM,
+                  "dmd2": DMD2}
 """
 
 from __future__ import annotations
 
 from krea2.errors import Krea2Error
 from krea2.train.objectives.base import LossObjective, Objective, ObjectiveEnv, Role
+from krea2.train.objectives.dmd2 import DMD2
 from krea2.train.objectives.dpo import DiffusionDPO
 from krea2.train.objectives.flow import FlowMatching
 from krea2.train.objectives.grpo import FlowGRPO
 from krea2.train.objectives.stpo import STPO
+from krea2.train.objectives.tdm import TDM
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (FlowMatching, DiffusionDPO, STPO, FlowGRPO)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls
+                                          for cls in (FlowMatching, DiffusionDPO, STPO, FlowGRPO, TDM, DMD2)}
 
 
 def get_objective(name: str, where: str = "") -> type[Objective]:

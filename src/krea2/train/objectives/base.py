@@ -46,6 +46,8 @@ class ObjectiveEnv:
     pixels_per_token: int  # autoencoder compression x patch: image pixels per token side
     stage_steps: int
     data_size: int | None = None  # examples in the stage's data source, where it has a fixed pool
+    # the empty prompt's text states (1, Lt, layers, dim) and mask (1, Lt): the unconditional branch of CFG
+    null_text: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
