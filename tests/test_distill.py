@@ -18,7 +18,6 @@ from krea2.sampling import Conditioning, SamplingConfig, forward_transition, sam
 from krea2.train.config import parse_recipe
 from krea2.train.objectives.base import Models, ObjectiveEnv
 from krea2.train.objectives.distill import dmd_loss
-from krea2.train.objectives.dmd2 import DMD2, DMD2Config
 from krea2.train.objectives.tdm import TDM, TDMConfig, fake_score_loss, trajectory_point
 from krea2.train.trainer import train_recipe
 

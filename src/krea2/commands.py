@@ -195,8 +195,29 @@ def pairs(
                                             for k, v in counts.items()))
 
 
+def serve(
+    checkpoint: Annotated[str, typer.Option(help="world | world-turbo | raw | turbo | checkpoint folder")] = "world",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8000,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429 with Retry-After.")] = 32,
+    max_batch: Annotated[int, typer.Option(help="Images of one shape sampled together.")] = 8,
+    max_n: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included (then 504).")] = 120.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (then 413).")] = 64 * 1024,
+    max_pixels: Annotated[int, typer.Option(help="Largest width x height per image.")] = 1024 * 1024,
+):
+    """Serve a checkpoint over HTTP: POST /v1/images/generations (OpenAI images API shape), GET / (a web page),
+    /healthz and /metrics (Prometheus)."""
+    from krea2.serve import ServeConfig
+    from krea2.serve import serve as run
+
+    run(ServeConfig(checkpoint, host, port, max_queue, max_batch, max_n, timeout, max_body, max_pixels))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(generate)
+    app.command()(serve)
     app.command()(pairs)
     app.command()(export)
     app.command()(merge)

@@ -162,10 +162,11 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, sampling: SamplingConfig | None = None, seed: int = 0,
                  width: int | None = None, height: int | None = None, batch_size: int = 16,
-                 progress: bool | Progress | None = None) -> torch.Tensor:
+                 progress: bool | Progress | None = None, seeds: list[int] | None = None) -> torch.Tensor:
         """One image per prompt as a float32 tensor (B, 3, H, W) in [-1, 1] on the pipeline's device.
 
-        Image i uses noise seeded seed + i, whatever batch_size is. sampling defaults to the checkpoint's (build
+        Image i uses noise seeded seed + i, whatever batch_size is, or seeds[i] when `seeds` (one per prompt) is
+        given: a server batching several requests gives each image its own request's seed. sampling defaults to the checkpoint's (build
         another with `sampling_config(steps=..., guidance=..., mu=...)`). width/height default to the native
         resolution and are snapped up silently to a multiple of pixels_per_token (see snap_size; H, W of the
         result say what was used). progress: True draws a tqdm bar on stderr; a callable gets (done, total)
@@ -181,6 +182,8 @@ class Pipeline:
             raise Krea2Error("no prompts given; pass at least one prompt")
         if batch_size < 1:
             raise Krea2Error(f"batch_size must be at least 1, got {batch_size}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise Krea2Error(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         cfg = sampling or self.sampling
         check_sampling(cfg.steps, cfg.guidance, cfg.mu)
         width, height = self.snap_size(width, height)
@@ -214,7 +217,11 @@ class Pipeline:
                     uctx, umask = self.encode_empty()
                     uncond = Conditioning.build(uctx.expand(len(chunk), -1, -1, -1), umask.expand(len(chunk), -1),
                                                 gh, gw)
-                noise = initial_noise(len(chunk), self.model.cfg.channels, h, w, seed + start, device=self.device)
+                if seeds is None:
+                    noise = initial_noise(len(chunk), self.model.cfg.channels, h, w, seed + start, device=self.device)
+                else:
+                    noise = torch.cat([initial_noise(1, self.model.cfg.channels, h, w, s, device=self.device)
+                                       for s in seeds[start:start + len(chunk)]])
                 x = euler_sample(self.model, patchify(noise, p), ts, cond, uncond, cfg.guidance,
                                  progress=tick if progress else None)
                 latent = unpatchify(x, p, h, w)

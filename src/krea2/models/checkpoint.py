@@ -28,6 +28,8 @@ from krea2.models.loading import UMASK, check_state_dict, infer_config, read_saf
 from krea2.sampling import SamplingConfig, sampling_preset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# checkpoints shipped in the package: name -> folder under assets/ (the world base and its distilled Turbo student)
+SHIPPED = {"world": "world", "world-turbo": "world_turbo"}
 RELEASED = {"raw": ("KREA2_RAW", "raw"), "turbo": ("KREA2_TURBO", "turbo")}  # name: (env var, sampling preset)
 RELEASED_TEXT_ENCODER = "qwen3-vl"
 RELEASED_AUTOENCODER = "qwen-image"
@@ -67,15 +69,15 @@ def sampling_from_dict(d: dict | None, default: str = "raw") -> SamplingConfig:
 
 
 def resolve_checkpoint(spec: str) -> CheckpointInfo:
-    """`world`, `raw`, `turbo`, a krea2 checkpoint folder, or a released-layout .safetensors file.
+    """`world`, `world-turbo`, `raw`, `turbo`, a krea2 checkpoint folder, or a released-layout .safetensors file.
 
     Raises Krea2Error when the spec names nothing usable (the message says what to pass instead).
     """
-    if spec == "world":
-        path = ASSETS / "world"
+    if spec in SHIPPED:
+        path = ASSETS / SHIPPED[spec]
         if not (path / "model.safetensors").is_file():
-            raise Krea2Error("the shipped world checkpoint is missing from this install (src/krea2/assets/world); "
-                             "reinstall krea2 or pass --checkpoint DIR")
+            raise Krea2Error(f"the shipped {spec} checkpoint is missing from this install (src/krea2/assets/"
+                             f"{SHIPPED[spec]}); reinstall krea2 or pass --checkpoint DIR")
         return read_checkpoint_dir(path)
     if spec in RELEASED:
         env, preset = RELEASED[spec]
@@ -89,7 +91,7 @@ def resolve_checkpoint(spec: str) -> CheckpointInfo:
         return read_checkpoint_dir(path)
     if path.suffix == ".safetensors" or path.exists():
         return released_info(path, "turbo" if "turbo" in path.name.lower() else "raw")
-    raise Krea2Error(f"checkpoint not found: {spec} (use world, raw, turbo, a checkpoint folder or a "
+    raise Krea2Error(f"checkpoint not found: {spec} (use world, world-turbo, raw, turbo, a checkpoint folder or a "
                      ".safetensors file)")
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krea2.sampling import x0_from_velocity
-from krea2.train.objectives.distill import DistillConfig, Distillation, dmd_loss
+from krea2.train.objectives.distill import Distillation, DistillConfig, dmd_loss
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from krea2.sampling import forward_transition, noise_from_velocity, x0_from_velocity
-from krea2.train.objectives.distill import DistillConfig, Distillation, dmd_loss
+from krea2.train.objectives.distill import Distillation, DistillConfig, dmd_loss
 
 
 @dataclass

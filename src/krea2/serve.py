@@ -1,0 +1,449 @@
+"""`krea2 serve`: one long-lived pipeline behind an HTTP API shaped like OpenAI's images API, and a web page.
+
+Endpoints: `POST /v1/images/generations` (OpenAI fields `prompt`, `n`, `size` "WxH", `response_format` "b64_json",
+plus krea2's `steps`, `guidance`, `mu`, `seed`, `preset`), `GET /healthz` (status, queue depth and the running
+batch's progress), `GET /metrics` (Prometheus), `GET /` (the page).
+
+Requests wait in a bounded queue (full: 429 with Retry-After) for one worker thread that owns the pipeline;
+it takes the oldest request and every queued one of the same shape (size, steps, guidance, mu) up to `max_batch`
+images, and samples them in one batch, each image with its own request's seed (`Pipeline.generate(seeds=...)`), so
+a request's images are the same as `krea2 generate --seed S` gives. A request that outlives `timeout_s` gets 504 and
+is dropped from the queue; a client that disconnects while it waits has its request dropped too. Every field is
+checked with the CLI's rules (`krea2.limits`) and a bad one is a 400 JSON error naming it; bodies over
+`max_body_bytes` get 413 before they are read in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Request  # at module level: FastAPI resolves the endpoint's annotation from here
+
+from krea2.errors import Krea2Error
+
+PAGE = Path(__file__).resolve().parent / "assets" / "web" / "index.html"
+SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = "world"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 32  # requests waiting (not counting the batch being sampled); full: 429
+    max_batch: int = 8  # images sampled together
+    max_n: int = 8  # images per request
+    timeout_s: float = 120.0  # per request, queueing included: 504 after it
+    max_body_bytes: int = 64 * 1024
+    max_pixels: int = 1024 * 1024  # width x height per image
+    max_prompt_chars: int = 2000
+    retry_after_s: int = 2
+
+    def __post_init__(self):
+        if min(self.max_queue, self.max_batch, self.max_n, self.max_body_bytes, self.max_pixels) < 1:
+            raise Krea2Error("--max-queue, --max-batch, --max-n, --max-body and --max-pixels must be >= 1")
+        if not self.timeout_s > 0:
+            raise Krea2Error(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        if not 0 <= self.port <= 65535:
+            raise Krea2Error(f"--port must be in 0..65535, got {self.port}")
+
+
+class FieldError(Exception):
+    """A bad request field: 400 with {"error": {"message", "type", "param"}} (OpenAI's error shape)."""
+
+    def __init__(self, param: str | None, message: str, status: int = 400):
+        super().__init__(message)
+        self.param, self.message, self.status = param, message, status
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param}}
+
+
+def _request_model():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class GenerationRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        prompt: str
+        n: int = Field(1, ge=1)
+        size: str | None = None
+        response_format: Literal["b64_json"] = "b64_json"
+        model: str | None = None  # OpenAI clients send it; the server has one model
+        user: str | None = None
+        steps: int | None = None
+        guidance: float | int | None = None
+        mu: float | int | None = None
+        seed: int | None = Field(None, ge=0, lt=2**63)
+        preset: Literal["raw", "turbo"] | None = None
+
+    return GenerationRequest
+
+
+@dataclass
+class Shape:
+    """What must agree for requests to share a batch."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    mu: float | None
+
+
+@dataclass
+class Job:
+    prompt: str
+    seeds: list[int]
+    shape: Shape
+    sampling: object  # SamplingConfig
+    done: threading.Event = field(default_factory=threading.Event)
+    images: list | None = None
+    error: str | None = None
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """The bounded queue and the worker thread that owns the pipeline."""
+
+    def __init__(self, pipe, cfg: ServeConfig, metrics: Metrics):
+        self.pipe, self.cfg, self.metrics = pipe, cfg, metrics
+        self.pending: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.progress = {"done": 0, "total": 0, "images": 0}
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="krea2-generate", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    def depth(self) -> int:
+        with self.cond:
+            return sum(not j.cancelled for j in self.pending)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            live = [j for j in self.pending if not j.cancelled]
+            if len(live) >= self.cfg.max_queue:
+                raise QueueFull
+            self.pending = deque(live)
+            self.pending.append(job)
+            self.metrics.queue_depth.set(len(self.pending))
+            self.cond.notify()
+
+    def take(self) -> list[Job] | None:
+        """The oldest live job and every queued job of its shape that fits in max_batch images."""
+        with self.cond:
+            while not self.stopping and not any(not j.cancelled for j in self.pending):
+                self.cond.wait(timeout=0.5)
+            if self.stopping:
+                return None
+            live = [j for j in self.pending if not j.cancelled]
+            first, rest = live[0], live[1:]
+            batch, room, keep = [first], self.cfg.max_batch - first.n, []
+            for j in rest:
+                if j.shape == first.shape and j.n <= room:
+                    batch.append(j)
+                    room -= j.n
+                else:
+                    keep.append(j)
+            self.pending = deque(keep)
+            self.metrics.queue_depth.set(len(keep))
+            return batch
+
+    def run(self) -> None:
+        import torch
+
+        while True:
+            batch = self.take()
+            if batch is None:
+                return
+            prompts = [j.prompt for j in batch for _ in j.seeds]
+            seeds = [s for j in batch for s in j.seeds]
+            shape = batch[0].shape
+            self.progress = {"done": 0, "total": 1, "images": len(prompts)}
+
+            def tick(done: int, total: int, n: int = len(prompts)) -> None:
+                self.progress = {"done": done, "total": total, "images": n}
+
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    images = self.pipe.generate(prompts, batch[0].sampling, seeds=seeds, width=shape.width,
+                                                height=shape.height, batch_size=self.cfg.max_batch, progress=tick)
+                pngs = [png_base64(im) for im in images]
+            except Exception as e:  # a failed batch answers its requests with a 500 instead of hanging them
+                for j in batch:
+                    j.error = f"generation failed: {type(e).__name__}: {e}"
+                    j.done.set()
+                continue
+            finally:
+                self.progress = {"done": 0, "total": 0, "images": 0}
+            dt = time.perf_counter() - t0
+            self.metrics.images.inc(len(pngs))
+            self.metrics.images_per_s.set(len(pngs) / max(dt, 1e-9))
+            self.metrics.batch_images.observe(len(pngs))
+            i = 0
+            for j in batch:
+                j.images, i = pngs[i:i + j.n], i + j.n
+                j.done.set()
+
+
+def png_base64(image) -> str:
+    """(3, H, W) in [-1, 1] -> base64 PNG."""
+    from krea2.pipeline import to_pil
+
+    buf = io.BytesIO()
+    to_pil(image[None].float().cpu())[0].save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Metrics:
+    """Prometheus metrics in the app's own registry (several apps in one process stay apart)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("krea2_queue_depth", "Requests waiting for the generator", registry=self.registry)
+        self.requests = Counter("krea2_requests", "Generation requests by HTTP status", ["code"],
+                                registry=self.registry)
+        self.latency = Histogram("krea2_request_latency_seconds", "Generation request latency",
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+                                 registry=self.registry)
+        self.images = Counter("krea2_images", "Images generated", registry=self.registry)
+        self.images_per_s = Gauge("krea2_images_per_second", "Images per second of the last batch",
+                                  registry=self.registry)
+        self.batch_images = Histogram("krea2_batch_images", "Images per sampled batch",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+
+
+def parse_size(size: str | None, pipe, cfg: ServeConfig) -> tuple[int, int]:
+    """"WxH" -> (width, height) snapped up to the token size, as `krea2 generate` does; FieldError otherwise."""
+    from krea2.limits import check_side
+
+    if size is None:
+        return pipe.snap_size(None, None)
+    m = SIZE.match(size)
+    if not m:
+        raise FieldError("size", f"size must look like WIDTHxHEIGHT, e.g. \"{pipe.resolution}x{pipe.resolution}\", "
+                                 f"got {size!r}")
+    width, height = int(m.group(1)), int(m.group(2))
+    try:
+        check_side(width, "width")
+        check_side(height, "height")
+    except Krea2Error as e:
+        raise FieldError("size", str(e)) from None
+    width, height = pipe.snap_size(width, height)
+    if width * height > cfg.max_pixels:
+        raise FieldError("size", f"size {width}x{height} is {width * height} pixels, over this server's limit of "
+                                 f"{cfg.max_pixels} (--max-pixels)")
+    return width, height
+
+
+def build_job(body: dict, pipe, cfg: ServeConfig) -> Job:
+    """Validate a request body into a Job, or raise FieldError naming the first bad field."""
+    from pydantic import ValidationError
+
+    from krea2.limits import check_finite, check_steps
+    from krea2.sampling import sampling_preset
+
+    try:
+        req = _request_model().model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise FieldError(param, f"{param}: {msg}" if param else msg) from None
+    if not req.prompt.strip():
+        raise FieldError("prompt", "prompt is empty; give it some text (an empty prompt is the unconditional input)")
+    if len(req.prompt) > cfg.max_prompt_chars:
+        raise FieldError("prompt", f"prompt is {len(req.prompt)} characters, over the limit of {cfg.max_prompt_chars}")
+    if req.n > cfg.max_n:
+        raise FieldError("n", f"n must be between 1 and {cfg.max_n} (--max-n), got {req.n}")
+    try:
+        check_steps(req.steps)
+    except Krea2Error as e:
+        raise FieldError("steps", str(e)) from None
+    for name in ("guidance", "mu"):
+        try:
+            check_finite(getattr(req, name), name)
+        except Krea2Error as e:
+            raise FieldError(name, str(e)) from None
+    width, height = parse_size(req.size, pipe, cfg)
+    base = pipe.sampling if req.preset is None else sampling_preset(req.preset)
+    overrides = {k: v for k, v in (("steps", req.steps), ("guidance", req.guidance), ("mu", req.mu)) if v is not None}
+    from dataclasses import replace
+
+    sampling = replace(base, **{k: (float(v) if k != "steps" else v) for k, v in overrides.items()})
+    seed = req.seed if req.seed is not None else random.randrange(2**31)
+    shape = Shape(width, height, sampling.steps, float(sampling.guidance), sampling.mu)
+    return Job(req.prompt, [seed + i for i in range(req.n)], shape, sampling)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, from Content-Length or while it streams in (the
+    body is buffered up to the limit, then handed on), so an oversized upload is never read in full."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.reject(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.reject(send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the real channel: it reports a client that disconnects
+
+        await self.app(scope, replay, send)
+
+    async def reject(self, send):
+        body = json.dumps(error_body(f"request body over {self.limit} bytes (--max-body)", None,
+                                     "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(cfg: ServeConfig, pipe=None):
+    """The ASGI app to run (the FastAPI app behind the body limit) and the FastAPI app itself, for `cfg`, with the
+    checkpoint's pipeline loaded (or `pipe`, already loaded)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if pipe is None:
+        from krea2.pipeline import load_pipeline
+
+        pipe = load_pipeline(cfg.checkpoint)
+    metrics = Metrics()
+    batcher = Batcher(pipe, cfg, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="krea2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher, app.state.cfg, app.state.metrics = batcher, cfg, metrics
+
+    def answer(status: int, body: dict, t0: float, headers: dict | None = None) -> JSONResponse:
+        metrics.requests.labels(str(status)).inc()
+        metrics.latency.observe(time.perf_counter() - t0)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        t0 = time.perf_counter()
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return answer(400, error_body("the request body is not valid JSON"), t0)
+        if not isinstance(body, dict):
+            return answer(400, error_body("the request body must be a JSON object with at least \"prompt\""), t0)
+        try:
+            job = build_job(body, pipe, cfg)
+        except FieldError as e:
+            return answer(e.status, error_body(e.message, e.param), t0)
+        try:
+            batcher.submit(job)
+        except QueueFull:
+            return answer(429, error_body(f"the queue is full ({cfg.max_queue} requests); retry later", None,
+                                          "rate_limit_exceeded"), t0, {"Retry-After": str(cfg.retry_after_s)})
+        deadline = t0 + cfg.timeout_s
+        while not job.done.is_set():
+            if await request.is_disconnected():
+                job.cancelled = True
+                metrics.requests.labels("499").inc()  # nginx's "client closed request"
+                return Response(status_code=499)
+            if time.perf_counter() > deadline:
+                job.cancelled = True
+                return answer(504, error_body(f"the request did not finish within {cfg.timeout_s:g} s", None,
+                                              "timeout"), t0)
+            await asyncio.sleep(0.02)
+        if job.error:
+            return answer(500, error_body(job.error, None, "server_error"), t0)
+        s = job.shape
+        return answer(200, {"created": int(time.time()),
+                            "data": [{"b64_json": b, "seed": seed, "revised_prompt": None}
+                                     for b, seed in zip(job.images, job.seeds)],
+                            "krea2": {"size": f"{s.width}x{s.height}", "steps": s.steps, "guidance": s.guidance,
+                                      "mu": s.mu, "prompt": job.prompt,
+                                      "seconds": round(time.perf_counter() - t0, 4)}}, t0)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "checkpoint": cfg.checkpoint, "queue_depth": batcher.depth(),
+                "max_queue": cfg.max_queue, "progress": batcher.progress,
+                "defaults": {"size": f"{pipe.resolution}x{pipe.resolution}", "steps": pipe.sampling.steps,
+                             "guidance": pipe.sampling.guidance}}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.queue_depth.set(batcher.depth())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
+
+    return BodyLimit(app, cfg.max_body_bytes), app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load the checkpoint and serve until interrupted."""
+    import uvicorn
+
+    wrapped, _ = create_app(cfg)
+    print(f"krea2 serve: {cfg.checkpoint} on http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.run(wrapped, host=cfg.host, port=cfg.port, log_level="warning")
