@@ -90,7 +90,8 @@ def test_generation_equals_krea2_generate_and_every_endpoint_answers(pipe):
         assert r.status_code == 200
         out = r.json()
         assert [d["seed"] for d in out["data"]] == [5, 6]
-        assert out["krea2"]["size"] == "32x32" and out["krea2"]["steps"] == 20 and out["krea2"]["prompt"] == "a red circle"
+        k = out["krea2"]
+        assert k["size"] == "32x32" and k["steps"] == 20 and k["prompt"] == "a red circle"
         ref = [np.asarray(im) for im in to_pil(pipe.generate(["a red circle"] * 2, seed=5))]
         for item, want in zip(out["data"], ref, strict=True):
             assert np.array_equal(decode(item), want)  # bit for bit: the same batch as `krea2 generate --seed 5`

@@ -166,8 +166,9 @@ class Pipeline:
         """One image per prompt as a float32 tensor (B, 3, H, W) in [-1, 1] on the pipeline's device.
 
         Image i uses noise seeded seed + i, whatever batch_size is, or seeds[i] when `seeds` (one per prompt) is
-        given: a server batching several requests gives each image its own request's seed. sampling defaults to the checkpoint's (build
-        another with `sampling_config(steps=..., guidance=..., mu=...)`). width/height default to the native
+        given: a server batching several requests gives each image its own request's seed. sampling
+        defaults to the checkpoint's (build another with `sampling_config(steps=..., guidance=..., mu=...)`).
+        width/height default to the native
         resolution and are snapped up silently to a multiple of pixels_per_token (see snap_size; H, W of the
         result say what was used). progress: True draws a tqdm bar on stderr; a callable gets (done, total)
         Euler steps after each step. Raises Krea2Error for no prompts, batch_size < 1, a side out of range or
