@@ -98,8 +98,8 @@ def parse_dtype(name: str | None):
 def export(
     checkpoint: Annotated[str, typer.Argument(help="world | raw | turbo | checkpoint folder | .safetensors")],
     out: Annotated[Path, typer.Argument(help="Output folder.")],
-    to: Annotated[str, typer.Option(help="diffusers (Krea2Transformer2DModel folder) or krea2 (checkpoint folder).")]
-    = "diffusers",
+    to: Annotated[str, typer.Option(help="diffusers (Krea2Transformer2DModel folder), diffusers-pipeline (a full "
+                                    "Krea2Pipeline folder) or krea2 (checkpoint folder).")] = "diffusers",
     dtype: Annotated[str | None, typer.Option(
         help="Cast the weights: bf16 | fp16 | fp32, or fp8 (--to krea2: the ComfyUI scaled-fp8 layout, blocks "
              "only; default: as stored).")] = None,
@@ -113,8 +113,8 @@ def export(
     from krea2.models.loading import load_dit
     from krea2.models.quantize import dequantize_dit, quantized_format, write_quantized_checkpoint
 
-    if to not in ("diffusers", "krea2"):
-        raise Krea2Error(f"unknown export format {to!r}; supported: diffusers, krea2")
+    if to not in ("diffusers", "diffusers-pipeline", "krea2"):
+        raise Krea2Error(f"unknown export format {to!r}; supported: diffusers, diffusers-pipeline, krea2")
     if dtype == "fp8" and to != "krea2":
         raise Krea2Error("--dtype fp8 writes the ComfyUI scaled-fp8 layout, for --to krea2 only; diffusers folders "
                          "take bf16, fp16 or fp32")
@@ -123,6 +123,12 @@ def export(
         raise Krea2Error(f"{out} exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # before loading: refuse without doing the work
         raise Krea2Error(f"{out} already exists and is not empty; choose another output folder or pass --overwrite")
+    if to == "diffusers-pipeline":
+        from krea2.models.convert import export_diffusers_pipeline
+
+        export_diffusers_pipeline(checkpoint, out, dtype=torch_dtype, overwrite=overwrite)
+        typer.echo(f"wrote a diffusers Krea2Pipeline folder to {out}")
+        return
     info = resolve_checkpoint(checkpoint)
     model = load_dit(info.model_path, info.model)
     stored = quantized_format(model)
