@@ -158,3 +158,84 @@ def test_sql_filters_are_checked_against_the_table(tmp_path, cli_error, where, n
     assert CliRunner().invoke(cli.app, ["curate", "init", "--db", db]).exit_code == 0
     code, err = cli_error("curate", "reset", "decode", "--db", db, "--where", where)
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- E: non-finite numbers; aliases; image decoding
+
+
+def test_non_finite_weights_are_refused_on_load(ckpt, tmp_path, cli_error):
+    from safetensors.torch import load_file, save_file
+
+    for value in (float("nan"), float("inf")):
+        bad = tmp_path / f"bad-{value}"
+        bad.mkdir()
+        (bad / "config.json").write_text((ckpt / "config.json").read_text())
+        sd = load_file(ckpt / "model.safetensors")
+        sd["blocks.1.attn.wq.weight"][0, 0] = value
+        save_file(sd, bad / "model.safetensors")
+        with pytest.raises(Krea2Error, match=r"non-finite weights .* blocks.1.attn.wq.weight"):
+            load_pipeline(str(bad))
+        code, err = cli_error("generate", "a red circle", "--checkpoint", bad, "--out", tmp_path / "o")
+        assert code == 2 and "non-finite weights" in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_non_finite_samples_are_an_error_not_a_black_image(ckpt):
+    pipe = load_pipeline(str(ckpt))
+    with torch.no_grad():
+        pipe.model.last.linear.weight.fill_(3e38)  # overflows to inf in the first step
+    with pytest.raises(Krea2Error, match="non-finite values .* prompt 1"):
+        pipe.generate(["a red circle"])
+
+
+def test_two_keys_for_one_tensor_are_refused(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from krea2.models.loading import load_dit
+    from krea2.models.lora import lora_from_state_dict
+
+    sd = load_file(ckpt / "model.safetensors")
+    sd["model.diffusion_model.first.weight"] = sd["first.weight"] + 1
+    save_file(sd, tmp_path / "mixed.safetensors")
+    with pytest.raises(Krea2Error, match="two tensors for first.weight: 'first.weight' and "
+                                         "'model.diffusion_model.first.weight'"):
+        load_dit(tmp_path / "mixed.safetensors")
+    a, b = torch.zeros(2, 64), torch.zeros(64, 2)
+    lora = {"blocks.0.attn.wq.lora_A.weight": a, "blocks.0.attn.wq.lora_B.weight": b,
+            "diffusion_model.blocks.0.attn.wq.lora_A.weight": a + 1}
+    with pytest.raises(Krea2Error, match="two tensors for blocks.0.attn.wq A"):
+        lora_from_state_dict(lora)
+
+
+def test_exif_orientation_is_applied_on_decode():
+    import io
+
+    from PIL import Image
+
+    from krea2.data.curation.checks import load_rgb
+
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 20))  # red on the left of a landscape image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    rgb, meta = load_rgb(buf.getvalue())
+    assert rgb.shape == (40, 20, 3) and (meta["width"], meta["height"]) == (20, 40)  # portrait, as viewed
+    assert rgb[:10, :, 0].mean() > 200 and rgb[:10, :, 1].mean() < 60  # the red band is now on top
+    assert rgb[-10:, :, 1].mean() > 200
+
+
+@pytest.mark.parametrize("value,expect", [(200, 1), (32768, 128), (65535, 255)])
+def test_16_bit_images_are_scaled_by_their_bit_depth(value, expect):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from krea2.data.curation.checks import load_rgb
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(buf, format="PNG")  # 16-bit greyscale
+    rgb, _ = load_rgb(buf.getvalue())
+    assert abs(int(rgb.mean()) - expect) <= 1  # a dark 16-bit image stays dark (was 200 -> 200: stretched by its values)

@@ -225,6 +225,11 @@ class Pipeline:
                                        for s in seeds[start:start + len(chunk)]])
                 x = euler_sample(self.model, patchify(noise, p), ts, cond, uncond, cfg.guidance,
                                  progress=tick if progress else None)
+                if not bool(torch.isfinite(x).all()):  # clamp would turn NaN into a black image with exit 0
+                    raise Krea2Error(
+                        f"sampling produced non-finite values (NaN or inf) for prompt {start + 1}; the model's "
+                        f"weights or the settings overflow (steps {cfg.steps}, guidance {cfg.guidance}): try "
+                        "float32, a lower guidance or another checkpoint")
                 latent = unpatchify(x, p, h, w)
                 images.append(self.autoencoder.decode(latent.to(self.device)).float().clamp(-1, 1))
         finally:

@@ -59,11 +59,18 @@ def read_shapes(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def strip_prefix(sd: dict) -> dict:
-    """Accept ComfyUI-style files whose keys sit under `model.diffusion_model.` or `diffusion_model.`."""
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k.removeprefix(prefix): v for k, v in sd.items()}
-    return sd
+    """Accept ComfyUI-style files whose keys sit under `model.diffusion_model.` or `diffusion_model.`.
+
+    Raises Krea2Error when two keys name one tensor (`first.weight` beside `model.diffusion_model.first.weight`):
+    a file mixing layouts would otherwise load with whichever copy came last."""
+    out, source = {}, {}
+    for k, v in sd.items():
+        name = next((k.removeprefix(p) for p in PREFIXES if k.startswith(p)), k)
+        if name in out:
+            raise Krea2Error(f"the file holds two tensors for {name}: {source[name]!r} and {k!r} (key layouts "
+                             "mixed); keep one of them and save the file again")
+        out[name], source[name] = v, k
+    return out
 
 
 def infer_config(sd: dict[str, torch.Tensor], patch: int = 2, theta: float = 1000.0) -> DiTConfig:
@@ -101,6 +108,17 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
     if wrong:
         raise Krea2Error(f"{source} has {len(wrong)} tensor(s) of the wrong shape, e.g. {wrong[0]}; "
                          "check the config/preset matches the file")
+    check_finite_tensors(sd, source)
+
+
+def check_finite_tensors(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Krea2Error naming the first tensor holding NaN or inf: such a file (a diverged run, a damaged download)
+    would sample black images without a word. One tensor at a time, so no second copy of the model is made."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and v.dtype.itemsize > 1
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise Krea2Error(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                         "the file is damaged or its training diverged: use an earlier checkpoint")
 
 
 def load_dit(path: str | Path, cfg: DiTConfig | None = None, dtype: torch.dtype | None = None,

@@ -239,6 +239,7 @@ def lora_from_state_dict(sd: dict[str, Tensor], metadata: dict[str, str] | None 
     metadata = dict(metadata or {})
     targets = lora_modules(model) if model is not None else None
     parts: dict[str, dict[str, Tensor]] = {}
+    seen: dict[tuple[str, str], str] = {}
     formats: Counter = Counter()
     unmatched = []
     for key, value in sd.items():
@@ -247,6 +248,10 @@ def lora_from_state_dict(sd: dict[str, Tensor], metadata: dict[str, str] | None 
             unmatched.append(key)
             continue
         fmt, _, module, kind = parsed
+        if (module, kind) in seen:  # two spellings of one tensor: whichever came last would silently win
+            raise Krea2Error(f"{source} holds two tensors for {module} {kind}: {seen[module, kind]!r} and {key!r} "
+                             "(key formats mixed); keep one of them and save the file again")
+        seen[module, kind] = key
         formats[fmt] += 1
         parts.setdefault(module, {})[kind] = value
     if not parts:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from krea2.data.curation.sources import read_bytes
 
@@ -41,6 +41,9 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dic
             im = Image.open(io.BytesIO(data))
             frames = getattr(im, "n_frames", 1)
             im.load()
+            # a camera's EXIF orientation (e.g. 6: rotated 90°) applied, so captions describe the upright image
+            im = ImageOps.exif_transpose(im)
+            w, h = im.size
     except Rejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -52,15 +55,25 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dic
         if "truncated" in msg.lower() or isinstance(e, EOFError):
             raise Rejected(f"truncated file: {msg}") from None
         raise Rejected(f"corrupt {fmt or 'image'}: {msg}") from None
-    rgb = to_rgb(im)
+    rgb = to_rgb(im, fmt)
     return rgb, {"format": fmt, "mode": mode, "width": w, "height": h, "frames": frames}
 
 
-def to_rgb(im: Image.Image) -> np.ndarray:
+SIXTEEN_BIT_FORMATS = {"PNG", "TIFF"}  # where Pillow's 32-bit "I" mode holds 16-bit samples
+
+
+def to_rgb(im: Image.Image, fmt: str | None = None) -> np.ndarray:
+    """(H, W, 3) uint8. High-bit-depth greyscale is scaled by its format's range (a 16-bit sample / 65535), never
+    by the values present: a dark 16-bit image stays dark instead of being stretched to mid-grey."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if a.max() > 255 else 255.0  # 16-bit PNGs open as I;16 or I
-        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        if im.mode == "F":  # float images: [0, 1] by convention
+            top = 1.0
+        elif im.mode.startswith("I;16") or (fmt or im.format) in SIXTEEN_BIT_FORMATS:
+            top = 65535.0
+        else:
+            top = 2.0**31 - 1
+        a = np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=2)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
