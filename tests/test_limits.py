@@ -238,4 +238,4 @@ def test_16_bit_images_are_scaled_by_their_bit_depth(value, expect):
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(buf, format="PNG")  # 16-bit greyscale
     rgb, _ = load_rgb(buf.getvalue())
-    assert abs(int(rgb.mean()) - expect) <= 1  # a dark 16-bit image stays dark (was 200 -> 200: stretched by its values)
+    assert abs(int(rgb.mean()) - expect) <= 1  # a dark 16-bit image stays dark (was 200 -> 200)
