@@ -92,15 +92,17 @@ class DMD2(Distillation):
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t4 = t.view(-1, 1, 1)
         x_t = (1 - t4) * x0 + t4 * noise
-        with ctx.autocast:
-            v_fake = self.velocity(models["fake_score"], x_t, t, cond)
+        with ctx.autocast:  # with the GAN head, one pass gives the velocity and the hidden tokens it reads
+            out = self.velocity(models["fake_score"], x_t, t, cond,
+                                **({"return_hidden": self.layer} if self.gan_head is not None else {}))
+        v_fake = out[0] if self.gan_head is not None else out
         fake_loss = ((v_fake.float() - (noise - x0)) ** 2).mean()
         metrics = {"dmd2/fake_loss": fake_loss.detach()}
         total = fake_loss
         if self.gan_head is not None:
             real_t = self.noised(batch.x0.float(), t, generator)
             d_real = self.gan_logits(models["fake_score"], real_t, t, cond, ctx)
-            d_fake = self.gan_logits(models["fake_score"], x_t, t, cond, ctx)
+            d_fake = self.gan_head(out[1])
             d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
             total = total + c.gan_weight * d_loss
             metrics["dmd2/d_loss"] = d_loss.detach()
