@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.krea2-installed
 
-.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl lora-demo lint
+.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl world-turbo lora-demo serve lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,17 @@ world-ablation: setup
 world-rl: setup
 	bash scripts/world_ladder.sh runs/ladder
 	bash scripts/world_sft.sh runs/ladder
+
+# Turbo: TDM distils the shipped base into a 4-step, guidance-free student (`--checkpoint world-turbo`); with the
+# 8-step TDM and 4-step DMD2 arms, the teacher at 20/8/4 steps, a teacher LoRA on the student and the distillation
+# extracted as LoRAs (about 2.5 hours on 2 cores; resumable). The shipped student is the TDM-4 run:
+#   .venv/bin/krea2 export runs/turbo/tdm4/final src/krea2/assets/world_turbo --to krea2 --dtype bf16 --overwrite
+world-turbo: setup
+	bash scripts/world_turbo.sh runs/turbo
+
+# the web page and API on http://127.0.0.1:8000/ (Ctrl-C to stop)
+serve: setup
+	$(VENV)/bin/krea2 serve --checkpoint world
 
 # a LoRA that binds the new word "zorb" to red circles on the world model, scored before and after (~3 minutes)
 lora-demo: setup
