@@ -100,3 +100,31 @@ def test_lora_with_tensor_parallel_is_refused(tmp_path):
 
         ctx = Context(recipe, tmp_path, load_text_encoder("minilm"), load_autoencoder("identity"), DistInfo())
         build_stage(ctx, recipe.stages[1], DiT("tiny-world"))
+
+
+def test_sample_grids_preview_the_adapters_on_a_second_checkpoint(tmp_path):
+    """`[stages.lora] preview = CKPT`: each sample step also draws the current adapters on CKPT with its own preset
+    (train on the base, look at the Turbo student); the last preview is exactly CKPT + the saved LoRA."""
+    import numpy as np
+    from PIL import Image
+
+    from krea2.pipeline import image_grid, load_pipeline
+    from krea2.train.trainer import SAMPLE_PROMPTS
+
+    preview_ckpt = tmp_path / "preview"
+    first = write_recipe(tmp_path, steps=2)
+    train_recipe(load_recipe(first), tmp_path / "base", progress=False)
+    shutil.copytree(tmp_path / "base" / "final", preview_ckpt)
+    stage = LORA_STAGE.replace("ema = 0.9", "sample_every = 4") + f'preview = "{preview_ckpt}"\n'
+    recipe_file = write_recipe(tmp_path, steps=2, extra=stage)
+    run = tmp_path / "run"
+    train_recipe(load_recipe(recipe_file), run, progress=False)
+    shot = run / "b" / "samples" / f"step_0000004_{str(preview_ckpt).replace('/', '_')}.png"
+    assert shot.is_file() and (run / "b" / "samples" / "step_0000004.png").is_file()
+    prompts = load_recipe(recipe_file).sample_prompts or SAMPLE_PROMPTS
+    pipe = load_pipeline(str(preview_ckpt))
+    plain = np.asarray(image_grid(pipe.generate(prompts, width=16, height=16), cols=len(prompts)))
+    pipe.load_lora(run / "b" / "lora.safetensors")
+    adapted = np.asarray(image_grid(pipe.generate(prompts, width=16, height=16), cols=len(prompts)))
+    saved = np.asarray(Image.open(shot))
+    assert np.array_equal(saved, adapted) and not np.array_equal(saved, plain)

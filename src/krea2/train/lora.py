@@ -33,6 +33,9 @@ class LoRAConfig:
     targets: str = "all"  # all | attention | a regex fully matching official Linear module names
     dropout: float = 0.0
     init: str = "default"  # default (A Kaiming-uniform, B = 0) | gaussian | pissa | olora (peft's init_lora_weights)
+    # sample grids also show the adapters on this checkpoint, with its own preset (train on the base, preview on
+    # the Turbo student: "world-turbo"); "" = the trained model only
+    preview: str = ""
 
     def __post_init__(self):
         if self.rank < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
@@ -122,3 +125,24 @@ def save_adapters(path, sd: dict[str, Tensor], cfg: LoRAConfig) -> None:
     from krea2.models.lora import save_lora
 
     save_lora(path, adapter_state(sd), cfg.alpha)
+
+
+class LoRAPreview:
+    """The stage's current adapters applied to a second checkpoint (with its own sampling preset) for sample grids:
+    what the LoRA does on the model it will be used with. Loaded once; the adapters are hot-swapped each time."""
+
+    def __init__(self, spec: str, device):
+        from krea2.pipeline import load_pipeline
+
+        self.spec, self.pipe = spec, load_pipeline(spec, device=str(device))
+
+    def grid(self, model: nn.Module, prompts: list[str], resolution: int, seed: int = 0):
+        from krea2.models.lora import LoRA, LoRAModule, lora_state_from_peft
+        from krea2.pipeline import image_grid
+
+        state, alphas = lora_state_from_peft(model)
+        lora = LoRA({name: LoRAModule(state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"], alpha)
+                     for name, alpha in alphas.items()})
+        self.pipe.load_lora(lora, name="training")  # the same name: the previous adapters are replaced
+        images = self.pipe.generate(prompts, seed=seed, width=resolution, height=resolution)
+        return image_grid(images, cols=min(len(images), 8))

@@ -118,9 +118,12 @@ def write_output(ctx: Context, cfg, path: Path, sd: dict, resolution: int = 32) 
     return write_checkpoint(path, sd, config, dtype=torch.float32, overwrite=True)
 
 
+SAMPLE_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+
+
 def sample_grid(ctx: Context, model: DiT, resolution: int, seed: int = 0):
     """Fixed prompts and seeds, so grids from successive steps are comparable."""
-    prompts = ctx.recipe.sample_prompts or ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    prompts = ctx.recipe.sample_prompts or SAMPLE_PROMPTS
     was_training = model.training
     model.eval()
     pipe = Pipeline(model, ctx.text_encoder, ctx.autoencoder, ctx.sampling, resolution, ctx.dist.device)
@@ -314,7 +317,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     pma_dir = sdir / "pma"
     bar = tqdm(total=stage.steps, initial=start, desc=stage.name, unit="step", disable=not (ctx.progress and main),
                dynamic_ncols=True)
-    t_last, samples_seen = time.perf_counter(), 0
+    t_last, samples_seen, preview = time.perf_counter(), 0, None
     monitor = HealthMonitor(HealthConfig(port=metrics_port()), writer=writer, rank=ctx.dist.rank,
                             local_rank=ctx.dist.local_rank, tensorboard_skip=("loss", "grad_norm"))
     peak = peak_flops(torch.cuda.get_device_name()) if ctx.dist.device.type == "cuda" else None
@@ -373,6 +376,13 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
                 (sdir / "samples").mkdir(exist_ok=True)
                 grid.save(sdir / "samples" / f"step_{done:07d}.png")
                 writer.add_image("samples", np.asarray(grid), done, dataformats="HWC")
+                if stage.lora is not None and stage.lora.preview:
+                    from krea2.train.lora import LoRAPreview
+
+                    preview = preview or LoRAPreview(stage.lora.preview, ctx.dist.device)
+                    grid = preview.grid(model, ctx.recipe.sample_prompts or SAMPLE_PROMPTS, native)
+                    grid.save(sdir / "samples" / f"step_{done:07d}_{stage.lora.preview.replace('/', '_')}.png")
+                    writer.add_image("samples/preview", np.asarray(grid), done, dataformats="HWC")
         if stage.pma_k and done % stage.pma_every == 0 and done > stage.steps - stage.pma_k * stage.pma_every:
             sd = ckpt.full_state_dict(model)
             if main:
