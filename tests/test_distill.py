@@ -18,6 +18,7 @@ from krea2.sampling import Conditioning, SamplingConfig, forward_transition, sam
 from krea2.train.config import parse_recipe
 from krea2.train.objectives.base import Models, ObjectiveEnv
 from krea2.train.objectives.distill import dmd_loss
+from krea2.train.objectives.dmd2 import DMD2, DMD2Config
 from krea2.train.objectives.tdm import TDM, TDMConfig, fake_score_loss, trajectory_point
 from krea2.train.trainer import train_recipe
 
@@ -126,6 +127,51 @@ def test_generator_gradient_is_zero_when_the_fake_score_equals_the_teacher():
 
     assert all(bool((g == 0).all()) for g in grads(0.0))  # fake == teacher, no CFG: nothing to learn
     assert any(bool((g != 0).any()) for g in grads(2.0))  # the folded CFG is a target of its own
+
+
+class GradCtx(Ctx):
+    """Like the trainer: each optimizer_step records its parameters' gradients, then zeroes them."""
+
+    def __init__(self, specs):
+        super().__init__()
+        self.params = {n: [p for m in spec.modules for p in m.parameters() if p.requires_grad]
+                       for n, spec in specs.items()}
+        self.seen = {}
+
+    def optimizer_step(self, name, metric):
+        everything = [p for ps in self.params.values() for p in ps]
+        self.seen[name] = {id(p): None if p.grad is None else p.grad.clone() for p in everything}
+        for p in self.params[name]:
+            p.grad = None
+        return super().optimizer_step(name, metric)
+
+
+@pytest.mark.parametrize("objective", ["tdm", "dmd2"])
+def test_each_update_reaches_only_its_own_parameters(objective):
+    """The fake-score update leaves the student without gradients; the generator update (with DMD2's GAN term
+    through the fake score) leaves the fake score and the GAN head without any."""
+    from krea2.train.data import Batch
+
+    e = env()
+    models = models_for(e.model)
+    if objective == "tdm":
+        obj, batch = TDM(TDMConfig(student_steps=2, guidance=1.0), e), prompt_batch(e.model)
+    else:
+        obj = DMD2(DMD2Config(student_steps=2, guidance=1.0, fake_updates=1, gan_weight=0.1), e)
+        pb = prompt_batch(e.model)
+        batch = Batch(torch.randn(3, 16, e.model.token_dim), pb.context, pb.txtmask, torch.zeros(3, 3, 8, 8), 4, 4)
+    ctx = GradCtx(obj.optimizers(models))
+    metrics = obj.step(models, batch, 0, torch.Generator().manual_seed(0), ctx)
+    assert ctx.stepped == ["fake_score", "policy"] and math.isfinite(float(metrics["loss"]))
+    policy = {id(p) for p in ctx.params["policy"]}
+    fake = {id(p) for p in ctx.params["fake_score"]}
+    at_fake, at_policy = ctx.seen["fake_score"], ctx.seen["policy"]
+    assert all(at_fake[i] is None for i in policy)  # the fake update gave the student nothing
+    assert any(at_fake[i] is not None and bool(at_fake[i].abs().sum() > 0) for i in fake)
+    assert all(at_policy[i] is None for i in fake)  # the generator update gave the fake score (and head) nothing
+    assert any(at_policy[i] is not None and bool(at_policy[i].abs().sum() > 0) for i in policy)
+    if objective == "dmd2":
+        assert obj.gan_head is not None and all(p.requires_grad for p in obj.gan_head.parameters())
 
 
 def test_dmd_loss_gradient_is_the_normalised_score_difference():

@@ -126,6 +126,8 @@ def test_generation_equals_krea2_generate_and_every_endpoint_answers(pipe):
     ({"prompt": "a", "seed": -1}, "seed"),
     ({"prompt": "a", "response_format": "url"}, "response_format"),
     ({"prompt": "a", "preset": "fast"}, "preset"),
+    ({"prompt": "a", "guidance": "nan"}, "guidance"),
+    ({"prompt": "a", "mu": "2"}, "mu"),
     ({"prompt": "a", "colour": "red"}, "colour"),
 ])
 def test_bad_fields_are_400_errors_naming_the_field(pipe, body, param):
@@ -142,6 +144,8 @@ def test_non_json_and_oversized_bodies(pipe):
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
         r = httpx.post(f"{url}/v1/images/generations", json=[1, 2], timeout=30)
         assert r.status_code == 400
+        r = httpx.post(f"{url}/v1/images/generations", content=b'{"prompt": "a", "guidance": 1e400}', timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guidance"  # 1e400 parses as inf
         r = post(url, {"prompt": "a" * 5000})  # Content-Length over the limit
         assert r.status_code == 413 and "--max-body" in r.json()["error"]["message"]
 
@@ -151,6 +155,11 @@ def test_non_json_and_oversized_bodies(pipe):
 
         r = httpx.post(f"{url}/v1/images/generations", content=chunks(), timeout=30)
         assert r.status_code == 413
+        assert metric(url, 'krea2_requests_total{code="413"}') == 2.0
+        r = httpx.get(f"{url}/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+        r = httpx.get(f"{url}/v1/images/generations")
+        assert r.status_code == 405 and r.json()["error"]["message"]
         assert post(url, {"prompt": "a red circle", "steps": 2}).status_code == 200  # still serving
 
 
@@ -238,7 +247,19 @@ def test_timeouts_and_client_disconnects_drop_the_request(pipe):
 
 
 def test_serve_usage_errors_are_one_line(cli_error):
+    from krea2.serve import listen
+
     code, err = cli_error("serve", "--max-queue", "0")
-    assert code != 0 and "--max-queue" in err and "Traceback" not in err
+    assert code == 2 and "--max-queue must be >= 1, got 0" in err and "Traceback" not in err
+    busy = listen("127.0.0.1", 0)  # port 0: a free port, reported by the socket
+    port = busy.getsockname()[1]
+    assert port > 0
+    try:  # a port in use (or an unknown host) is one line before anything is loaded, not uvicorn's exit 3
+        code, err = cli_error("serve", "--port", port)
+        assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    finally:
+        busy.close()
+    code, err = cli_error("serve", "--host", "nosuchhost.invalid")
+    assert code == 2 and "cannot listen on nosuchhost.invalid" in err
     code, err = cli_error("serve", "--timeout", "-1")
     assert code != 0 and "--timeout" in err and "Traceback" not in err

@@ -21,6 +21,8 @@ import io
 import json
 import random
 import re
+import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -29,8 +31,10 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import Request  # at module level: FastAPI resolves the endpoint's annotation from here
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from krea2.errors import Krea2Error
+from krea2.sampling import PRESETS, sampling_preset
 
 PAGE = Path(__file__).resolve().parent / "assets" / "web" / "index.html"
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
@@ -51,8 +55,11 @@ class ServeConfig:
     retry_after_s: int = 2
 
     def __post_init__(self):
-        if min(self.max_queue, self.max_batch, self.max_n, self.max_body_bytes, self.max_pixels) < 1:
-            raise Krea2Error("--max-queue, --max-batch, --max-n, --max-body and --max-pixels must be >= 1")
+        for option, value in (("--max-queue", self.max_queue), ("--max-batch", self.max_batch),
+                              ("--max-n", self.max_n), ("--max-body", self.max_body_bytes),
+                              ("--max-pixels", self.max_pixels)):
+            if value < 1:
+                raise Krea2Error(f"{option} must be >= 1, got {value}")
         if not self.timeout_s > 0:
             raise Krea2Error(f"--timeout must be > 0 seconds, got {self.timeout_s}")
         if not 0 <= self.port <= 65535:
@@ -273,13 +280,12 @@ def build_job(body: dict, pipe, cfg: ServeConfig) -> Job:
     from pydantic import ValidationError
 
     from krea2.limits import check_finite, check_steps
-    from krea2.sampling import sampling_preset
 
     try:
         req = _request_model().model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
+        param = str(err["loc"][0]) if err["loc"] else None  # the field, not a union member ("guidance.float")
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         raise FieldError(param, f"{param}: {msg}" if param else msg) from None
     if not req.prompt.strip():
@@ -312,8 +318,8 @@ class BodyLimit:
     """ASGI middleware: 413 for a request body over `limit` bytes, from Content-Length or while it streams in (the
     body is buffered up to the limit, then handed on), so an oversized upload is never read in full."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, on_reject=None):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -344,6 +350,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def reject(self, send):
+        if self.on_reject is not None:
+            self.on_reject()
         body = json.dumps(error_body(f"request body over {self.limit} bytes (--max-body)", None,
                                      "request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
@@ -376,10 +384,21 @@ def create_app(cfg: ServeConfig, pipe=None):
     app = FastAPI(title="krea2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.cfg, app.state.metrics = batcher, cfg, metrics
 
-    def answer(status: int, body: dict, t0: float, headers: dict | None = None) -> JSONResponse:
+    def answer(status: int, body: dict, t0: float, headers: dict | None = None, queued: bool = False
+               ) -> JSONResponse:
+        """The response, counted by status; latency is observed for requests that reached the queue only, so
+        rejected ones (400, 429) do not pull the generation latency down. One log line per queued request."""
         metrics.requests.labels(str(status)).inc()
-        metrics.latency.observe(time.perf_counter() - t0)
+        if queued:
+            dt = time.perf_counter() - t0
+            metrics.latency.observe(dt)
+            print(f"krea2 serve: {status} in {dt:.2f} s", file=sys.stderr, flush=True)
         return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404/405 in the same error shape as every other answer
+        return JSONResponse(error_body(str(exc.detail), None, "not_found" if exc.status_code == 404 else
+                                       "invalid_request_error"), status_code=exc.status_code)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
@@ -409,24 +428,25 @@ def create_app(cfg: ServeConfig, pipe=None):
             if time.perf_counter() > deadline:
                 job.cancelled = True
                 return answer(504, error_body(f"the request did not finish within {cfg.timeout_s:g} s", None,
-                                              "timeout"), t0)
+                                              "timeout"), t0, queued=True)
             await asyncio.sleep(0.02)
         if job.error:
-            return answer(500, error_body(job.error, None, "server_error"), t0)
+            return answer(500, error_body(job.error, None, "server_error"), t0, queued=True)
         s = job.shape
         return answer(200, {"created": int(time.time()),
                             "data": [{"b64_json": b, "seed": seed, "revised_prompt": None}
                                      for b, seed in zip(job.images, job.seeds)],
                             "krea2": {"size": f"{s.width}x{s.height}", "steps": s.steps, "guidance": s.guidance,
                                       "mu": s.mu, "prompt": job.prompt,
-                                      "seconds": round(time.perf_counter() - t0, 4)}}, t0)
+                                      "seconds": round(time.perf_counter() - t0, 4)}}, t0, queued=True)
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "checkpoint": cfg.checkpoint, "queue_depth": batcher.depth(),
                 "max_queue": cfg.max_queue, "progress": batcher.progress,
                 "defaults": {"size": f"{pipe.resolution}x{pipe.resolution}", "steps": pipe.sampling.steps,
-                             "guidance": pipe.sampling.guidance}}
+                             "guidance": pipe.sampling.guidance},
+                "presets": {name: {"steps": p.steps, "guidance": p.guidance} for name, p in PRESETS.items()}}
 
     @app.get("/metrics")
     async def prometheus():
@@ -437,13 +457,29 @@ def create_app(cfg: ServeConfig, pipe=None):
     async def page():
         return HTMLResponse(PAGE.read_text())
 
-    return BodyLimit(app, cfg.max_body_bytes), app
+    return BodyLimit(app, cfg.max_body_bytes, on_reject=lambda: metrics.requests.labels("413").inc()), app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or Krea2Error naming the address and the reason."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:  # socket.gaierror included: an unknown host name
+        raise Krea2Error(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --host or --port"
+                         ) from None
+    return sock
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Load the checkpoint and serve until interrupted."""
+    """Bind (failing fast, with the bound port reported), load the checkpoint and serve until interrupted."""
     import uvicorn
 
+    sock = listen(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
     wrapped, _ = create_app(cfg)
-    print(f"krea2 serve: {cfg.checkpoint} on http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.run(wrapped, host=cfg.host, port=cfg.port, log_level="warning")
+    print(f"krea2 serve: {cfg.checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.Server(uvicorn.Config(wrapped, log_level="warning")).run(sockets=[sock])

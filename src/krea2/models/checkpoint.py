@@ -76,8 +76,8 @@ def resolve_checkpoint(spec: str) -> CheckpointInfo:
     if spec in SHIPPED:
         path = ASSETS / SHIPPED[spec]
         if not (path / "model.safetensors").is_file():
-            raise Krea2Error(f"the shipped {spec} checkpoint is missing from this install (src/krea2/assets/"
-                             f"{SHIPPED[spec]}); reinstall krea2 or pass --checkpoint DIR")
+            raise Krea2Error(f"the {spec} checkpoint is not in this install (src/krea2/assets/{SHIPPED[spec]}); "
+                             "reinstall krea2, or train it (see the Makefile) and pass --checkpoint DIR")
         return read_checkpoint_dir(path)
     if spec in RELEASED:
         env, preset = RELEASED[spec]

@@ -41,7 +41,8 @@ def dmd_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     a surrogate whose gradient in x0 is (x0_fake - x0_real) / w, w = mean |x0 - x0_real| per sample (the
     normalisation that makes the step size independent of the noise level), so the student moves from its own
     distribution's score towards the teacher's. x0, x0_real, x0_fake: (B, ...); the two targets carry no graph.
-    Zero gradient exactly when x0_fake == x0_real."""
+    Zero gradient exactly when x0_fake == x0_real. (TDM's reference writes mse(x0, x0 + real - fake) / w, twice
+    this gradient: Adam does not see the factor, gradient clipping does.)"""
     dims = tuple(range(1, x0.dim()))
     w = (x0.detach().float() - x0_real.float()).abs().mean(dims, keepdim=True).clamp_min(1e-6)
     grad = (x0_fake.float() - x0_real.float()) / w
@@ -56,7 +57,9 @@ class Distillation(Objective):
     teacher: the student starts as the teacher and is made few-step."""
 
     roles = {"teacher": Role(init="policy", trainable=False), "fake_score": Role(init="policy", trainable=True)}
-    spike_test = False  # the generator surrogate has no data-fit scale; the guard checks finiteness only
+    # the generator surrogate has no data-fit scale; the guard checks finiteness only (for both optimisers: the
+    # guard's spike test is per objective)
+    spike_test = False
 
     def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
         return {"policy": OptimizerSpec([models.policy]),

@@ -3,13 +3,17 @@
 Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis" (arXiv 2405.14867; reference
 code tianweiy/DMD2), in flow-matching form. Per training step:
 1. backward simulation: the student samples its own K-step trajectory from noise on the Turbo grid (no graph) and
-   each sample takes one step i, so the multi-step student trains on the inputs it meets at inference;
+   each sample takes one step i, so the multi-step student trains on the inputs it meets at inference. The
+   trajectory is the deterministic Euler one the student is served with (DMD2's reference re-noises each clean
+   prediction with fresh noise between steps instead);
 2. fake score (every step): flow matching on the student's clean predictions x0^ at t ~ U[t_min, t_max], plus,
    with `gan_weight` > 0, a GAN head on the fake score's hidden image tokens (block `gan_layer`) telling noised real
    images (the batch's) from noised student samples (non-saturating logistic loss);
 3. generator (every `fake_updates`-th step: the two-time-scale update rule): x0^ with graph follows
    teacher (CFG folded in) minus fake at x_t = (1 - t) x0^ + t ε, t ~ U[t_min, t_max] (`distill.dmd_loss`), plus
-   gan_weight times the generator's GAN loss through the fake score's features.
+   gan_weight times the generator's GAN loss through the fake score's features (frozen for that pass).
+One gan_weight scales both GAN terms and real and student images share the noise time t (DMD2 weighs the two
+terms separately and draws the times apart).
 Reads captioned images: the captions are the prompts, the images only feed the GAN head (with gan_weight 0 the
 objective is data-free like TDM).
 """
@@ -124,14 +128,22 @@ class DMD2(Distillation):
         loss = dmd_loss(x0, x0_real, x0_fake)
         metrics["dmd2/dm_loss"] = loss.detach()
         if self.gan_head is not None:
-            g_loss = F.softplus(-self.gan_logits(models["fake_score"], self.noised(x0, t, generator), t, cond,
-                                                 ctx)).mean()
-            loss = loss + c.gan_weight * g_loss
-            metrics["dmd2/g_loss"] = g_loss.detach()
-        ctx.backward(loss)
-        # the GAN term's backward also reached the fake score and the head: those grads are not theirs to keep
-        models["fake_score"].zero_grad(set_to_none=True)
-        self.zero_grad(set_to_none=True)
+            # the fake score and the head only pass gradients through to x0^ here: frozen, so no parameter gradient
+            # is computed (nor reduced under FSDP) that the fake score's optimiser would have to discard
+            frozen = [p for m in (models["fake_score"], self.gan_head) for p in m.parameters() if p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(False)
+            try:
+                g_loss = F.softplus(-self.gan_logits(models["fake_score"], self.noised(x0, t, generator), t, cond,
+                                                     ctx)).mean()
+                loss = loss + c.gan_weight * g_loss
+                metrics["dmd2/g_loss"] = g_loss.detach()
+                ctx.backward(loss)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+        else:
+            ctx.backward(loss)
         ctx.optimizer_step("policy", loss.detach())
         metrics["dmd2/real_fake_gap"] = (x0_real - x0_fake).abs().mean().cpu()
         self.last_loss.copy_(loss.detach())

@@ -58,7 +58,9 @@ def trajectory_point(x_i: Tensor, v_i: Tensor, t_i: Tensor, t_next: Tensor, t_mi
     s4 = s.view(-1, *([1] * (x_i.dim() - 1)))
     x_s = (1 - s4) * x0 + s4 * eps
     lo = s.clamp_min(t_min)
-    hi = (t_i.clamp(max=t_max) if separate else torch.full_like(t_i, t_max)).clamp_min(lo)
+    hi = t_i.clamp(max=t_max) if separate else torch.full_like(t_i, t_max)
+    hi = torch.where(lo < hi, hi, t_i)  # an ODE point above t_max (a random mid in step 0): up to t_i, not a point
+    hi = hi.clamp_min(lo)
     t = lo + torch.rand(B, generator=generator, device=device) * (hi - lo)
     fresh = torch.randn(x_i.shape, generator=generator, device=device)
     x_t, _ = forward_transition(x_s, s, t, fresh)
