@@ -25,7 +25,9 @@ class PerfectWorldPipe:
         self.scenes = scenes_by_prompt
 
     def sampling_config(self, **overrides):
-        return overrides
+        from krea2.sampling import SamplingConfig
+
+        return SamplingConfig(**{k: v for k, v in overrides.items() if v is not None})
 
     def generate(self, prompts, sampling=None, seed=0, width=None, height=None):
         return as_tensor([world.render(self.scenes[p], width, seed + i) for i, p in enumerate(prompts)])
