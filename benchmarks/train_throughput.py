@@ -5,6 +5,10 @@ set, AdamW with clipping and the spike guard) on the stage's own data source for
 recipe, without writing checkpoints.
 
     python benchmarks/train_throughput.py recipes/world.toml [--steps 30] [--pool 256] [--set parallel.compile=true]
+                                          [--profile 5 [--stage NAME]]
+
+--profile N also records N more steps of each stage (or of --stage only) with torch.profiler and prints the 15 ops
+with the most self CPU time: where a step's time goes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--pool", type=int, default=256)
     ap.add_argument("--set", action="append", default=[], help="recipe override, as `krea2 train --set`")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps per stage (0: off)")
+    ap.add_argument("--stage", default=None, help="only this stage")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     te, ae = load_text_encoder(recipe.text_encoder), load_autoencoder(recipe.autoencoder)
@@ -44,6 +50,8 @@ def main():
     print(f"{'stage':14s} {'px':>4s} {'batch':>5s} {'tokens':>11s} {'samples/s':>10s} {'GFLOP/sample':>13s} "
           f"{'% peak':>7s}")
     for stage in recipe.stages:
+        if args.stage and stage.name != args.stage:
+            continue
         stage.data.pool = min(stage.data.pool, args.pool)
         torch.manual_seed(0)
         rt = build_stage(ctx, stage, init_weights(DiT(cfg)))
@@ -64,6 +72,13 @@ def main():
         print(f"{stage.name:14s} {stage.data.native:4d} {stage.batch_size:5d} {tokens:>11s} "
               f"{samples / seconds:10.1f} {flops / samples / 1e9:13.2f} "
               f"{100 * flops / seconds / peaks[stage.precision]:6.0f}%")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for step in range(args.steps + 3, args.steps + 3 + args.profile):
+                    train_step(rt, data.batch(step, stage.batch_size), step, torch.Generator().manual_seed(step))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 
 
 if __name__ == "__main__":
