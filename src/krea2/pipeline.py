@@ -162,11 +162,13 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, sampling: SamplingConfig | None = None, seed: int = 0,
                  width: int | None = None, height: int | None = None, batch_size: int = 16,
-                 progress: bool | Progress | None = None, seeds: list[int] | None = None) -> torch.Tensor:
+                 progress: bool | Progress | None = None, seeds: list[int] | None = None,
+                 style=None) -> torch.Tensor:
         """One image per prompt as a float32 tensor (B, 3, H, W) in [-1, 1] on the pipeline's device.
 
         Image i uses noise seeded seed + i, whatever batch_size is, or seeds[i] when `seeds` (one per prompt) is
-        given: a server batching several requests gives each image its own request's seed. sampling
+        given: a server batching several requests gives each image its own request's seed. `style`: a
+        `krea2.style.StyleMix` (style references, their weights and strength; None: the release path). sampling
         defaults to the checkpoint's (build another with `sampling_config(steps=..., guidance=..., mu=...)`).
         width/height default to the native
         resolution and are snapped up silently to a multiple of pixels_per_token (see snap_size; H, W of the
@@ -223,8 +225,12 @@ class Pipeline:
                 else:
                     noise = torch.cat([initial_noise(1, self.model.cfg.channels, h, w, s, device=self.device)
                                        for s in seeds[start:start + len(chunk)]])
-                x = euler_sample(self.model, patchify(noise, p), ts, cond, uncond, cfg.guidance,
-                                 progress=tick if progress else None)
+                if style is None:
+                    x = euler_sample(self.model, patchify(noise, p), ts, cond, uncond, cfg.guidance,
+                                     progress=tick if progress else None)
+                else:
+                    x = self._styled_sample(patchify(noise, p), ts, cond, uncond, cfg.guidance, style, gh, gw,
+                                            tick if progress else None)
                 if not bool(torch.isfinite(x).all()):  # clamp would turn NaN into a black image with exit 0
                     raise Krea2Error(
                         f"sampling produced non-finite values (NaN or inf) for prompt {start + 1}; the model's "
@@ -236,6 +242,22 @@ class Pipeline:
             if bar is not None:
                 bar.close()
         return torch.cat(images)
+
+
+    @torch.no_grad()
+    def _styled_sample(self, x, ts, cond, uncond, guidance, style, gh, gw, progress=None):
+        """Euler over the grid with `krea2.style.styled_velocity` (the release's update, the styled velocity)."""
+        from krea2.sampling import model_dtype_of
+        from krea2.style import styled_velocity
+
+        dtype = model_dtype_of(self.model, x)
+        for k in range(len(ts) - 1):
+            t = torch.full((x.shape[0],), float(ts[k]), device=x.device, dtype=x.dtype)
+            v = styled_velocity(self.model, x.to(dtype), t, cond, uncond, guidance, style, gh, gw)
+            x = x + (float(ts[k + 1]) - float(ts[k])) * v.to(x.dtype)
+            if progress is not None:
+                progress(k)
+        return x
 
 
 def load_pipeline(checkpoint: str = "world", device: str = "cpu", dtype: torch.dtype | None = None,

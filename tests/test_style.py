@@ -1,0 +1,105 @@
+"""Style references: the encoder discards layout; strength, weighted mixing and negative references behave as the
+control promises (strength 0 is the base model exactly; one reference at weight 1 is the single-reference path;
+the order of references does not matter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from krea2.errors import Krea2Error
+from krea2.models.checkpoint import save_random_checkpoint
+from krea2.pipeline import load_pipeline
+from krea2.sampling import Conditioning
+from krea2.style import StyleEncoder, StyleMix, mix_references, styled_velocity
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return load_pipeline(str(save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")))
+
+
+def tokens(pipe, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(1, 4, pipe.model.cfg.features)
+
+
+def test_encoder_sees_patches_not_where_they_are():
+    torch.manual_seed(0)
+    enc = StyleEncoder(features=64, tokens=4, patch=4, side=32).eval()
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    blocks = img.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, 3, 8, 8, 4, 4): the 4x4 patches on an 8x8 grid
+    perm = torch.randperm(64)
+    shuffled = blocks.reshape(2, 3, 64, 4, 4)[:, :, perm].reshape(2, 3, 8, 8, 4, 4)
+    shuffled = shuffled.permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 32, 32)
+    assert not torch.equal(shuffled, img)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(shuffled), enc(img), atol=1e-5, rtol=1e-5)
+        assert enc(img).shape == (2, 4, 64) and not torch.allclose(enc(img)[0], enc(img)[1])
+    with pytest.raises(Krea2Error, match="must be"):
+        enc(torch.zeros(1, 4, 32, 32))
+
+
+def test_strength_zero_is_the_base_model_exactly(pipe):
+    base = pipe.generate(["a red circle", "a blue square"], seed=3)
+    mix = mix_references([tokens(pipe, 0)], [1.0], strength=0.0)
+    assert torch.equal(pipe.generate(["a red circle", "a blue square"], seed=3, style=mix), base)
+    styled = pipe.generate(["a red circle", "a blue square"], seed=3, style=mix_references([tokens(pipe, 0)], [1.0],
+                                                                                         strength=1.0))
+    assert not torch.equal(styled, base)
+
+
+def test_one_reference_at_weight_one_is_the_single_reference_path_and_weights_are_relative(pipe):
+    a = tokens(pipe, 0)
+    single = StyleMix(a, None, 0.0, 0.7)
+    for w in (1.0, 3.0):
+        mix = mix_references([a], [w], 0.7)
+        assert torch.equal(mix.positive, a) and mix.negative is None
+    out = pipe.generate(["a red circle"], seed=1, style=single)
+    assert torch.equal(pipe.generate(["a red circle"], seed=1, style=mix_references([a], [1.0], 0.7)), out)
+
+
+def test_mixing_does_not_depend_on_the_order_of_references(pipe):
+    a, b, c = (tokens(pipe, s) for s in range(3))
+    m1 = mix_references([a, b], [0.3, 0.7], 1.0)
+    m2 = mix_references([b, a], [0.7, 0.3], 1.0)
+    assert torch.equal(m1.positive, m2.positive)
+    m3 = mix_references([a, b, c, a], [1.0, 2.0, -1.0, 1.0], 1.0)
+    m4 = mix_references([c, a, b, a], [-1.0, 1.0, 2.0, 1.0], 1.0)
+    torch.testing.assert_close(m3.positive, m4.positive, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m3.positive, 0.5 * a + 0.5 * b, atol=1e-6, rtol=0)
+    assert torch.equal(m3.negative, m4.negative) and m3.negative_weight == 1.0
+
+
+def test_strength_interpolates_and_a_negative_equal_to_the_positive_cancels(pipe):
+    cfg = pipe.model.cfg
+    gh = gw = 4
+    x, t = torch.randn(2, gh * gw, cfg.token_dim), torch.full((2,), 0.6)
+    ctx, mask = pipe.encode(["a red circle", "a blue square"])
+    cond = Conditioning.build(ctx, mask, gh, gw)
+    uctx, umask = pipe.encode_empty()
+    uncond = Conditioning.build(uctx.expand(2, -1, -1, -1), umask.expand(2, -1), gh, gw)
+    a, b = tokens(pipe, 0), tokens(pipe, 1)
+    with torch.no_grad():
+        def v(mix):
+            return styled_velocity(pipe.model, x, t, cond, uncond, 1.5, mix, gh, gw)
+
+        base, full, half = v(None), v(StyleMix(a, None, 0.0, 1.0)), v(StyleMix(a, None, 0.0, 0.5))
+        torch.testing.assert_close(half, 0.5 * (base + full), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v(mix_references([a, a], [1.0, -1.0], 1.0)), full, atol=1e-6, rtol=0)
+        pushed = v(mix_references([a, b], [1.0, -0.5], 1.0))
+        v_b = v(StyleMix(b, None, 0.0, 1.0))
+        torch.testing.assert_close(pushed, full + 0.5 * (full - v_b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"weights": [1.0, 2.0]}, "1 style references but 2 weights"),
+    ({"weights": [float("nan")]}, "finite and not all zero"),
+    ({"weights": [0.0]}, "finite and not all zero"),
+    ({"strength": 1.5}, r"strength must be in \[0, 1\]"),
+    ({"strength": float("nan")}, r"strength must be in \[0, 1\]"),
+])
+def test_bad_mixes_are_one_line_errors(kw, needle):
+    args = {"tokens": [torch.zeros(1, 4, 8)], "weights": [1.0], "strength": 0.5, **kw}
+    with pytest.raises(Krea2Error, match=needle):
+        mix_references(**args)
