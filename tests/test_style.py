@@ -103,3 +103,40 @@ def test_bad_mixes_are_one_line_errors(kw, needle):
     args = {"tokens": [torch.zeros(1, 4, 8)], "weights": [1.0], "strength": 0.5, **kw}
     with pytest.raises(Krea2Error, match=needle):
         mix_references(**args)
+
+
+def style_recipe(steps):
+    from krea2.train.config import parse_recipe
+
+    return parse_recipe({"name": "s", "model": {"preset": "tiny-world"}, "stages": [
+        {"name": "style", "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "save_every": 2,
+         "data": {"source": "triplets", "size": 16, "pool": 16, "captions": {"short": 1.0}},
+         "objective": {"name": "style", "tokens": 2, "width": 32, "side": 16}}]})
+
+
+@pytest.mark.slow
+def test_style_stage_trains_the_encoder_only_and_resumes_exactly(tmp_path):
+    import shutil
+
+    from krea2.models.dit import DiT
+    from krea2.models.loading import load_dit
+    from krea2.style import load_style_encoder
+    from krea2.train.trainer import init_weights, train_recipe
+
+    ref = train_recipe(style_recipe(4), tmp_path / "ref", progress=False)
+    torch.manual_seed(0)
+    start = init_weights(DiT("tiny-world")).state_dict()
+    out = load_dit(ref / "model.safetensors").state_dict()
+    assert all(torch.equal(start[k], out[k]) for k in start)  # the base model is frozen
+    enc = load_style_encoder(tmp_path / "ref" / "style")
+    fresh = StyleEncoder(64, 2, 4, 32, 4, 16)
+    assert any(not torch.equal(a, b) for a, b in zip(enc.state_dict().values(), fresh.state_dict().values()))
+    run = tmp_path / "run"
+    train_recipe(style_recipe(2), run, progress=False)
+    for p in ("style/final", "final"):
+        shutil.rmtree(run / p)
+    train_recipe(style_recipe(4), run, resume=True, progress=False)
+    again = load_style_encoder(run / "style")
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(Krea2Error, match="holds no style encoder"):
+        load_style_encoder(tmp_path)

@@ -129,3 +129,29 @@ def styled_velocity(model: Callable, x: Tensor, t: Tensor, cond: Conditioning, u
     if mix.negative is not None:
         v = v + mix.strength * mix.negative_weight * (v_ref - with_tokens(mix.negative))
     return v
+
+
+def load_style_encoder(folder, device="cpu") -> StyleEncoder:
+    """The style encoder a `style` stage wrote (style_encoder.safetensors + style.json in its stage folder).
+    Raises Krea2Error for a missing or damaged folder."""
+    import json
+    from pathlib import Path
+
+    from krea2.models.loading import read_safetensors
+
+    folder = Path(folder)
+    cfg_file, weights = folder / "style.json", folder / "style_encoder.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise Krea2Error(f"{folder} holds no style encoder (style.json and style_encoder.safetensors); pass the "
+                         "folder of a `style` training stage")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        encoder = StyleEncoder(cfg["features"], cfg["tokens"], cfg["patch"], cfg["width"], cfg["heads"], cfg["side"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise Krea2Error(f"{cfg_file} is damaged ({type(e).__name__}: {e}); re-export the style stage") from None
+    sd = read_safetensors(weights)
+    missing = sorted(set(encoder.state_dict()) ^ set(sd))
+    if missing:
+        raise Krea2Error(f"{weights} does not fit {cfg_file}: tensor(s) {missing[:3]} missing or unexpected")
+    encoder.load_state_dict(sd)
+    return encoder.to(device).eval().requires_grad_(False)

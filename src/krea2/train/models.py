@@ -117,6 +117,8 @@ def build_model_set(policy: nn.Module, objective: Objective, device: torch.devic
     None and pcfg given only activation checkpointing and compile apply. Returns the ModelSet (policy in train mode).
     """
     roles = {name: build_role(role, policy) for name, role in objective.roles.items()}
+    if not objective.trains_policy:
+        policy.requires_grad_(False)
     dits = {"policy": policy.train(), **roles}
     for t in transforms or []:
         dits = {name: t(name, m) for name, m in dits.items()}

@@ -401,6 +401,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     # the stage's output: PMA merge of the last k snapshots, else EMA, else the raw weights
     sd = ckpt.full_state_dict(model)
     shadows = mset.ema.shadows() if mset.ema is not None else None  # a collective: every rank gathers
+    objective.export(sdir, write=main)
     if main:
         release = (lambda d: fold_lora(d, stage.lora.scaling)) if stage.lora is not None else (lambda d: d)
         write_output(ctx, cfg, sdir / "last", release(sd), native)

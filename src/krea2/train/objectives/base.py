@@ -107,6 +107,9 @@ class Objective(nn.Module):
     # the guard's spike test needs a loss with a scale (a data fit); a policy-gradient surrogate hovers around 0 and
     # has none, so such objectives set this False and the guard checks finiteness only
     spike_test: ClassVar[bool] = True
+    # False: the policy is frozen (requires_grad off before the EMA and optimisers are built) and only the
+    # objective's own modules train, e.g. a style encoder feeding a fixed base model
+    trains_policy: ClassVar[bool] = True
 
     def __init__(self, cfg, env: ObjectiveEnv):
         super().__init__()
@@ -120,6 +123,10 @@ class Objective(nn.Module):
     def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
         """One optimiser named "policy" over the policy's trainable parameters and this objective's own."""
         return {"policy": OptimizerSpec([models.policy, self])}
+
+    def export(self, stage_dir, write: bool) -> None:
+        """Write what the stage made besides the DiT into stage_dir (e.g. a style encoder). Called on every rank
+        (gathering sharded parameters is a collective); only `write` (the main rank) writes files."""
 
     def step(self, models: Models, batch, step: int, generator: torch.Generator, ctx: StepContext) -> dict:
         """One training step: must call ctx.optimizer_step for each optimiser it updates. Returns scalar metrics

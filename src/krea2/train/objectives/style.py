@@ -1,0 +1,87 @@
+"""Style-reference training: a style encoder learns to carry a reference's style into a frozen base model.
+
+Self-supervised, as the Krea 2 report describes its style system (its encoder, injection and mixing were not
+disclosed): each example is a target, a reference that shares the target's style (and background) but not its
+content, and the target's caption without style words (the world's short captions name objects only), so the
+style can only come from the reference. The reference's tokens (`krea2.style.StyleEncoder`) join the joint
+sequence as the reference segment; the loss is flow matching on the target (`flow.Denoising`'s timesteps). The
+base model is frozen (`trains_policy = False`): only the encoder trains, and the release path without a reference is
+the base model exactly. The stage writes `style_encoder.safetensors` and `style.json` beside its output
+(`krea2.style.load_style_encoder` reads them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from krea2.sampling import joint_inputs
+from krea2.style import StyleEncoder
+from krea2.train.data import TripletBatch
+from krea2.train.objectives.base import Models, OptimizerSpec
+from krea2.train.objectives.flow import Denoising, TimestepConfig, flow_matching_loss
+
+ENCODER_FILE, CONFIG_FILE = "style_encoder.safetensors", "style.json"
+
+
+@dataclass
+class StyleConfig(TimestepConfig):
+    name: str = "style"
+    tokens: int = 4  # reference tokens per reference
+    patch: int = 4  # pixel patches the encoder reads
+    width: int = 128
+    heads: int = 4
+    side: int = 32  # references are resized to side x side
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tokens < 1 or self.patch < 1 or self.side % self.patch or self.width % self.heads:
+            raise ValueError("style needs tokens >= 1, side divisible by patch and width divisible by heads")
+
+
+class StyleAdapter(Denoising):
+    Config = StyleConfig
+    name = "style"
+    data_kind = "triplets"
+    guard_metric = "loss"
+    trains_policy = False
+
+    def __init__(self, cfg: StyleConfig, env):
+        super().__init__(cfg, env)
+        self.encoder = StyleEncoder(env.model.features, cfg.tokens, cfg.patch, cfg.width, cfg.heads, cfg.side)
+
+    def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
+        return {"policy": OptimizerSpec([self])}  # the encoder; the DiT is frozen
+
+    def loss(self, models: Models, batch: TripletBatch, step: int, generator: torch.Generator
+             ) -> tuple[Tensor, dict]:
+        B, N, _ = batch.x0.shape
+        device = batch.x0.device
+        t = self.timesteps(B, N, generator, device)
+        noise = torch.randn(batch.x0.shape, generator=generator, device=device)
+        reference = self.encoder(batch.images_ref)
+        xt = (1 - t)[:, None, None] * batch.x0 + t[:, None, None] * noise
+        refmask = torch.ones(reference.shape[:2], dtype=torch.bool, device=device)
+        pos, mask = joint_inputs(batch.txtmask, batch.gh, batch.gw, refmask)
+        v = models.policy(xt, batch.context, t, pos, mask, reference=reference)
+        loss = flow_matching_loss(v, batch.x0, noise)
+        return loss, {"loss/flow": loss.detach()}
+
+    def export(self, stage_dir, write: bool) -> None:
+        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+              for k, v in self.encoder.state_dict().items()}
+        if not write:
+            return
+        from krea2.models.loading import atomic_write
+
+        stage_dir = Path(stage_dir)
+        from safetensors.torch import save_file
+
+        atomic_write(stage_dir / ENCODER_FILE, lambda tmp: save_file(sd, tmp))
+        config = {k: v for k, v in asdict(self.cfg).items() if k in ("tokens", "patch", "width", "heads", "side")}
+        config["features"] = self.env.model.features
+        atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))
