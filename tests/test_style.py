@@ -140,3 +140,53 @@ def test_style_stage_trains_the_encoder_only_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values()))
     with pytest.raises(Krea2Error, match="holds no style encoder"):
         load_style_encoder(tmp_path)
+
+
+def test_leakage_is_a_reference_object_the_prompt_did_not_ask_for():
+    from krea2.eval.checker import DetectedObject, Detection
+    from krea2.eval.style_eval import leaks
+
+    refs = [{"objects": [{"shape": "circle", "color": "red"}]}]
+    det = Detection("white", "flat", [DetectedObject("circle", "red", "large", "center", (0.5, 0.5), 1.0)])
+    assert leaks(det, {"objects": [{"shape": "square", "color": "blue"}]}, refs)
+    assert not leaks(det, {"objects": [{"shape": "circle"}]}, refs)  # asked for a circle of any colour
+    assert not leaks(det, {"objects": [{"shape": "circle", "color": "red"}]}, refs)
+    assert leaks(det, {"objects": [{"shape": "circle", "color": "green"}]}, refs)
+    assert not leaks(det, {"objects": [{"shape": "square"}]}, [{"objects": [{"shape": "circle", "color": "blue"}]}])
+
+
+@pytest.mark.slow
+def test_eval_style_end_to_end(tmp_path, cli_error, monkeypatch):
+    import json
+
+    from krea2 import cli
+    from krea2.train.trainer import train_recipe
+
+    train_recipe(style_recipe(2), tmp_path / "run", progress=False)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "a red circle", "tag": "single_object", "objects": [{"shape": "circle", "color": "red"}]},
+        {"prompt": "a blue square", "tag": "colors", "objects": [{"shape": "square", "color": "blue"}],
+         "refs": [{"style": "striped", "weight": 1.0}, {"style": "outline", "weight": -0.5}], "strength": 0.5},
+    ]) + "\n")
+    import sys
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    out = StringIO()
+    monkeypatch.setattr(sys, "argv", [
+        "krea2", "eval", "style", "--style-encoder", str(tmp_path / "run" / "style"), "--checkpoint",
+        str(tmp_path / "run" / "final"), "--prompts", str(prompts), "--images-per-prompt", "2",
+        "--out", str(tmp_path / "r.json")])
+    cli._mount()
+    with redirect_stdout(out):
+        try:
+            cli.main()
+        except SystemExit as e:  # success may return or exit 0
+            assert e.code in (0, None)
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("style ") and " content " in last and " leakage " in last
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_images"] == 4 and 0 <= report["style"] <= 1 and (tmp_path / "r.png").is_file()
+    code, err = cli_error("eval", "style", "--style-encoder", tmp_path, "--strength", "2")
+    assert code == 2 and "--strength must be in [0, 1]" in err

@@ -51,6 +51,46 @@ def world(
         typer.echo(line)
 
 
+@app.command("style")
+def style(
+    style_encoder: Annotated[Path, typer.Option(help="A `style` stage folder (style.json, style_encoder."
+                                                "safetensors).")],
+    checkpoint: Annotated[str, typer.Option(help="The base model the encoder was trained for.")] = "world",
+    prompts: Annotated[str, typer.Option(help="world_eval | world_eval_small | a JSONL file; lines may carry refs "
+                                         "[{style, weight}] and strength.")] = "world_eval",
+    strength: Annotated[float, typer.Option(help="Style strength in [0, 1] where a line gives none.")] = 1.0,
+    images_per_prompt: Annotated[int, typer.Option(min=1)] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option(help="JSON report; the styled images' grid goes next to it as .png.")] = Path(
+        "style_eval.json"),
+):
+    """Generate each prompt with references rendered in a known style and without; prints style accuracy, content
+    and leakage (rise over the no-reference rate); last line `style X content Y leakage Z`."""
+    import json
+
+    from krea2.errors import Krea2Error
+    from krea2.eval.checker import load_prompts
+    from krea2.eval.style_eval import evaluate_style, format_style_summary
+    from krea2.eval.world_eval import prompts_path
+    from krea2.limits import check_finite
+    from krea2.pipeline import image_grid, load_pipeline
+    from krea2.style import load_style_encoder
+
+    check_finite(strength, "--strength")
+    if not 0 <= strength <= 1:
+        raise Krea2Error(f"--strength must be in [0, 1], got {strength}")
+    records = load_prompts(prompts_path(prompts))
+    encoder = load_style_encoder(style_encoder)
+    pipe = load_pipeline(checkpoint, device="cpu")
+    report, images = evaluate_style(pipe, encoder, records, strength, images_per_prompt, seed)
+    report.update(checkpoint=checkpoint, style_encoder=str(style_encoder), prompts=str(prompts_path(prompts)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    image_grid(images, cols=max(images_per_prompt, 9)).save(out.with_suffix(".png"))
+    for line in format_style_summary(report):
+        typer.echo(line)
+
+
 @app.command("ae")
 def ae(
     vae: Annotated[str, typer.Option(help="Autoencoder spec: world, world:FOLDER, identity, qwen-image[:PATH], ...")]
