@@ -105,10 +105,11 @@ def test_bad_mixes_are_one_line_errors(kw, needle):
         mix_references(**args)
 
 
-def style_recipe(steps):
+def style_recipe(steps, init=None):
     from krea2.train.config import parse_recipe
 
-    return parse_recipe({"name": "s", "model": {"preset": "tiny-world"}, "stages": [
+    model = {"init": str(init)} if init else {"preset": "tiny-world"}
+    return parse_recipe({"name": "s", "model": model, "stages": [
         {"name": "style", "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "save_every": 2,
          "data": {"source": "triplets", "size": 16, "pool": 16, "captions": {"short": 1.0}},
          "objective": {"name": "style", "tokens": 2, "width": 32, "side": 16}}]})
@@ -190,3 +191,58 @@ def test_eval_style_end_to_end(tmp_path, cli_error, monkeypatch):
     assert report["n_images"] == 4 and 0 <= report["style"] <= 1 and (tmp_path / "r.png").is_file()
     code, err = cli_error("eval", "style", "--style-encoder", tmp_path, "--strength", "2")
     assert code == 2 and "--strength must be in [0, 1]" in err
+
+
+@pytest.mark.slow
+def test_generate_with_style_references(tmp_path, cli_error):
+    import numpy as np
+    from PIL import Image
+
+    from krea2.data import world
+    from krea2.train.trainer import train_recipe
+
+    # a random base whose output depends on its inputs (the trainer's fresh init has a zero output layer)
+    base = save_random_checkpoint(tmp_path / "base", resolution=16)
+    train_recipe(style_recipe(2, init=base), tmp_path / "run", progress=False)
+    ref = tmp_path / "ref.png"
+    scene = world.sample_scene(np.random.default_rng(0), styles=["striped"])
+    Image.fromarray(world.render(scene, 16, 0)).save(ref)
+    enc, ckpt = tmp_path / "run" / "style", tmp_path / "run" / "final"
+
+    def run(out, *extra):  # a failing call: (exit code, stderr)
+        return cli_error("generate", "a red circle", "--checkpoint", ckpt, "--out", tmp_path / out, *extra)
+
+    import sys
+
+    from krea2 import cli
+
+    cli._mount()
+
+    def ok(out, *extra):  # a successful call: the first image
+        sys.argv = ["krea2", "generate", "a red circle", "--checkpoint", str(ckpt), "--out", str(tmp_path / out),
+                    *map(str, extra)]
+        try:
+            cli.main()
+        except SystemExit as e:
+            assert e.code in (0, None)
+        return np.asarray(Image.open(tmp_path / out / "0000.png"))
+
+    try:
+        plain = ok("plain")
+        zero = ok("zero", "--style-ref", ref, "--style-encoder", enc, "--style-strength", 0)
+        full = ok("full", "--style-ref", f"{ref}:2", "--style-ref", f"{ref}:-0.5", "--style-encoder", enc,
+                  "--style-strength", 1)
+    finally:
+        sys.argv = ["krea2"]
+    assert np.array_equal(zero, plain) and not np.array_equal(full, plain)
+    (tmp_path / "not.png").write_bytes(b"not an image")
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    for spec, needle in [(f"{ref}", "needs --style-encoder"), (tmp_path / "not.png", "cannot be used"),
+                         (tmp_path / "anim.gif", "is animated"), (tmp_path / "none.png", "not found"),
+                         (f"{ref}:nan", "finite, non-zero")]:
+        extra = ["--style-ref", spec] + ([] if needle == "needs --style-encoder" else ["--style-encoder", enc])
+        code, err = run("bad", *extra)
+        assert code == 2 and needle in err and "Traceback" not in err, err
+    code, err = run("bad", "--style-ref", ref, "--style-encoder", enc, "--style-strength", "1.5")
+    assert code == 2 and "strength must be in [0, 1]" in err

@@ -31,6 +31,13 @@ def generate(
     lora: Annotated[list[str] | None, typer.Option(
         help="Apply a LoRA: FILE[:SCALE] (any format, scale 1 by default); repeat for several.", show_default=False)]
     = None,
+    style_ref: Annotated[list[str] | None, typer.Option(
+        help="A style reference image IMG[:WEIGHT] (weight 1 by default; negative: steer away); repeat for several "
+             "(up to 10). Needs --style-encoder.", show_default=False)] = None,
+    style_strength: Annotated[float, typer.Option(help="Style strength in [0, 1] (0: the base model).")] = 0.5,
+    style_encoder: Annotated[Path | None, typer.Option(
+        help="The style encoder: a `style` stage folder (style.json, style_encoder.safetensors).",
+        show_default=False)] = None,
 ):
     """Generate images from text."""
     import torch
@@ -57,6 +64,15 @@ def generate(
         raise Krea2Error(f"unknown --quantize {quantize!r}; use fp8 or int8")
     if quantize is not None and lora:
         raise Krea2Error("--lora cannot be combined with --quantize yet; merge the LoRA first (krea2 lora merge)")
+    references = None
+    if style_ref:
+        from krea2.style import load_style_encoder, read_reference
+
+        if style_encoder is None:
+            raise Krea2Error("--style-ref needs --style-encoder (the folder of a `style` training stage)")
+        limits.check_finite(style_strength, "--style-strength")
+        encoder = load_style_encoder(style_encoder)
+        references = [read_reference(spec) for spec in style_ref]  # every file checked before the model loads
     loras = [parse_lora_spec(s) for s in lora or []]
     for path, _ in loras:  # before loading the model, which may take minutes
         if not path.is_file():
@@ -67,8 +83,15 @@ def generate(
         pipe.load_lora(path, scale)
     note_snapped_size(pipe, width, height)
     expanded = [p for p in prompts for _ in range(num_images)]
+    style = None
+    if references:
+        from krea2.style import mix_references
+
+        with torch.no_grad():
+            tokens = [encoder(img[None]) for img, _ in references]
+        style = mix_references(tokens, [w for _, w in references], style_strength)
     images = to_pil(pipe.generate(expanded, pipe.sampling_config(steps=steps, guidance=cfg, mu=mu), seed=seed,
-                                  width=width, height=height, progress=True))
+                                  width=width, height=height, progress=True, style=style))
     for i, im in enumerate(images):
         im.save(out / f"{i:04d}.png")
     if len(images) > 1:

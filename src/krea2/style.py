@@ -155,3 +155,33 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
         raise Krea2Error(f"{weights} does not fit {cfg_file}: tensor(s) {missing[:3]} missing or unexpected")
     encoder.load_state_dict(sd)
     return encoder.to(device).eval().requires_grad_(False)
+
+
+def read_reference(spec: str, max_pixels: int = 64 * 1024 * 1024) -> tuple[Tensor, float]:
+    """`IMG[:WEIGHT]` -> (image (3, H, W) in [-1, 1], weight). Decoded by curation's checked decoder (size capped
+    before decoding, EXIF orientation applied, 16-bit scaled by its depth, alpha over white); an unreadable,
+    truncated, oversized or animated file, or a bad weight, is a one-line Krea2Error."""
+    import math
+    from pathlib import Path
+
+    from krea2.data.curation.checks import Rejected, load_rgb
+
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            path = spec  # a ':' inside the file name
+    if not math.isfinite(weight) or weight == 0:
+        raise Krea2Error(f"--style-ref {spec}: the weight must be a finite, non-zero number")
+    file = Path(path)
+    if not file.is_file():
+        raise Krea2Error(f"style reference not found: {path}")
+    try:
+        rgb, meta = load_rgb(file.read_bytes(), max_pixels=max_pixels)
+    except Rejected as e:
+        raise Krea2Error(f"style reference {path} cannot be used: {e}") from None
+    if meta.get("frames", 1) > 1:
+        raise Krea2Error(f"style reference {path} is animated ({meta['frames']} frames); give a still image")
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1, weight
