@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.krea2-installed
 
-.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl world-turbo lora-demo serve lint
+.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl world-turbo world-style lora-demo serve lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -60,6 +60,11 @@ world-rl: setup
 #   .venv/bin/krea2 export runs/turbo/tdm4/final src/krea2/assets/world_turbo --to krea2 --dtype bf16 --overwrite
 world-turbo: setup
 	bash scripts/world_turbo.sh runs/turbo
+
+# the world style adapter (a style encoder on the frozen base, from world triplets), then its evaluation
+world-style: setup
+	$(VENV)/bin/krea2 train recipes/world-style.toml --out runs/world-style --resume
+	$(VENV)/bin/krea2 eval style --style-encoder runs/world-style/style --strength 1 --out runs/world-style/eval.json
 
 # the web page and API on http://127.0.0.1:8000/ (Ctrl-C to stop)
 serve: setup
