@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_parallel import free_port
 
@@ -263,3 +264,41 @@ def test_serve_usage_errors_are_one_line(cli_error):
     assert code == 2 and "cannot listen on nosuchhost.invalid" in err
     code, err = cli_error("serve", "--timeout", "-1")
     assert code != 0 and "--timeout" in err and "Traceback" not in err
+
+
+def test_style_references_in_requests(pipe, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from krea2.data import world
+    from krea2.style import StyleEncoder
+
+    folder = tmp_path / "style"
+    folder.mkdir()
+    torch.manual_seed(0)
+    cfg = {"features": pipe.model.cfg.features, "tokens": 2, "patch": 4, "width": 32, "heads": 4, "side": 32}
+    enc = StyleEncoder(cfg["features"], cfg["tokens"], cfg["patch"], cfg["width"], cfg["heads"], cfg["side"])
+    save_file(enc.state_dict(), folder / "style_encoder.safetensors")
+    (folder / "style.json").write_text(json.dumps(cfg))
+    buf = io.BytesIO()
+    Image.fromarray(world.render(world.sample_scene(np.random.default_rng(0), styles=["striped"]), 32, 0)).save(
+        buf, format="PNG")
+    ref = base64.b64encode(buf.getvalue()).decode()
+    body = {"prompt": "a red circle", "seed": 4, "steps": 4}
+    with server(pipe, style_encoder=str(folder)) as (url, _):
+        plain = decode(post(url, body).json()["data"][0])
+        styled = post(url, {**body, "style_refs": [{"b64_json": ref, "weight": 1.0}], "style_strength": 1.0})
+        assert styled.status_code == 200 and not np.array_equal(decode(styled.json()["data"][0]), plain)
+        zero = post(url, {**body, "style_refs": [{"b64_json": ref}], "style_strength": 0})
+        assert np.array_equal(decode(zero.json()["data"][0]), plain)  # strength 0: the base model exactly
+        for bad, param in [({"style_refs": [{"b64_json": "!!!"}]}, "style_refs"),
+                           ({"style_refs": [{"b64_json": base64.b64encode(b"not an image").decode()}]}, "style_refs"),
+                           ({"style_refs": [{"b64_json": ref}], "style_strength": 2}, "style_strength"),
+                           ({"style_refs": [{"b64_json": ref, "weight": 0}]}, "style_refs"),
+                           ({"style_refs": []}, "style_refs")]:
+            r = post(url, {**body, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    with server(pipe) as (url, _):  # no encoder: the field is refused by name
+        r = post(url, {**body, "style_refs": [{"b64_json": ref}]})
+        assert r.status_code == 400 and "--style-encoder" in r.json()["error"]["message"]

@@ -234,14 +234,18 @@ def serve(
     max_n: Annotated[int, typer.Option(help="Images per request.")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included (then 504).")] = 120.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (then 413).")] = 64 * 1024,
-    max_pixels: Annotated[int, typer.Option(help="Largest width x height per image.")] = 1024 * 1024,
+    max_pixels: Annotated[int, typer.Option(help="Largest width x height per image (and per style reference "
+                                           "upload, checked before decoding).")] = 1024 * 1024,
+    style_encoder: Annotated[str | None, typer.Option(
+        help="A `style` stage folder: enables the `style_refs` field.", show_default=False)] = None,
 ):
     """Serve a checkpoint over HTTP: POST /v1/images/generations (OpenAI images API shape), GET / (a web page),
     /healthz and /metrics (Prometheus)."""
     from krea2.serve import ServeConfig
     from krea2.serve import serve as run
 
-    run(ServeConfig(checkpoint, host, port, max_queue, max_batch, max_n, timeout, max_body, max_pixels))
+    run(ServeConfig(checkpoint, host, port, max_queue, max_batch, max_n, timeout, max_body, max_pixels,
+                    style_encoder=style_encoder))
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import random
 import re
@@ -53,6 +54,7 @@ class ServeConfig:
     max_pixels: int = 1024 * 1024  # width x height per image
     max_prompt_chars: int = 2000
     retry_after_s: int = 2
+    style_encoder: str | None = None  # a `style` stage folder: enables `style_refs`
 
     def __post_init__(self):
         for option, value in (("--max-queue", self.max_queue), ("--max-batch", self.max_batch),
@@ -81,6 +83,12 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
 def _request_model():
     from pydantic import BaseModel, ConfigDict, Field
 
+    class StyleRef(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        b64_json: str  # a PNG, JPEG or WebP, base64
+        weight: float | int = 1.0
+
     class GenerationRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -95,6 +103,8 @@ def _request_model():
         mu: float | int | None = None
         seed: int | None = Field(None, ge=0, lt=2**63)
         preset: Literal["raw", "turbo"] | None = None
+        style_refs: list[StyleRef] | None = Field(None, min_length=1, max_length=10)
+        style_strength: float | int = 0.5
 
     return GenerationRequest
 
@@ -108,6 +118,7 @@ class Shape:
     steps: int
     guidance: float
     mu: float | None
+    style: int = 0  # requests with style references never share a batch (their references differ): a unique id
 
 
 @dataclass
@@ -116,6 +127,7 @@ class Job:
     seeds: list[int]
     shape: Shape
     sampling: object  # SamplingConfig
+    style: object = None  # krea2.style.StyleMix, or None
     done: threading.Event = field(default_factory=threading.Event)
     images: list | None = None
     error: str | None = None
@@ -204,7 +216,8 @@ class Batcher:
             try:
                 with torch.inference_mode():
                     images = self.pipe.generate(prompts, batch[0].sampling, seeds=seeds, width=shape.width,
-                                                height=shape.height, batch_size=self.cfg.max_batch, progress=tick)
+                                                height=shape.height, batch_size=self.cfg.max_batch, progress=tick,
+                                                style=batch[0].style)
                 pngs = [png_base64(im) for im in images]
             except Exception as e:  # a failed batch answers its requests with a 500 instead of hanging them
                 for j in batch:
@@ -275,7 +288,7 @@ def parse_size(size: str | None, pipe, cfg: ServeConfig) -> tuple[int, int]:
     return width, height
 
 
-def build_job(body: dict, pipe, cfg: ServeConfig) -> Job:
+def build_job(body: dict, pipe, cfg: ServeConfig, encoder=None) -> Job:
     """Validate a request body into a Job, or raise FieldError naming the first bad field."""
     from pydantic import ValidationError
 
@@ -310,8 +323,46 @@ def build_job(body: dict, pipe, cfg: ServeConfig) -> Job:
 
     sampling = replace(base, **{k: (float(v) if k != "steps" else v) for k, v in overrides.items()})
     seed = req.seed if req.seed is not None else random.randrange(2**31)
-    shape = Shape(width, height, sampling.steps, float(sampling.guidance), sampling.mu)
-    return Job(req.prompt, [seed + i for i in range(req.n)], shape, sampling)
+    style = style_mix(req, encoder, cfg) if req.style_refs else None
+    shape = Shape(width, height, sampling.steps, float(sampling.guidance), sampling.mu,
+                  style=0 if style is None else next(_STYLE_IDS))
+    return Job(req.prompt, [seed + i for i in range(req.n)], shape, sampling, style)
+
+
+_STYLE_IDS = itertools.count(1)
+
+
+def style_mix(req, encoder, cfg: ServeConfig):
+    """The request's style references decoded (a pixel cap before decoding, as curation's checked decoder) and
+    encoded into a StyleMix; FieldError naming `style_refs` or `style_strength` for anything wrong."""
+    import binascii
+
+    import torch
+
+    from krea2.data.curation.checks import Rejected, load_rgb
+    from krea2.style import mix_references
+
+    if encoder is None:
+        raise FieldError("style_refs", "this server has no style encoder; start it with --style-encoder DIR")
+    tokens, weights = [], []
+    for i, ref in enumerate(req.style_refs):
+        try:
+            data = base64.b64decode(ref.b64_json, validate=True)
+            rgb, meta = load_rgb(data, max_pixels=cfg.max_pixels)
+        except (binascii.Error, ValueError):
+            raise FieldError("style_refs", f"style_refs[{i}].b64_json is not base64") from None
+        except Rejected as e:
+            raise FieldError("style_refs", f"style_refs[{i}] cannot be used: {e}") from None
+        if meta.get("frames", 1) > 1:
+            raise FieldError("style_refs", f"style_refs[{i}] is animated; send a still image")
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 127.5 - 1
+        with torch.no_grad():
+            tokens.append(encoder(image))
+        weights.append(float(ref.weight))
+    try:
+        return mix_references(tokens, weights, float(req.style_strength))
+    except Krea2Error as e:
+        raise FieldError("style_strength" if "strength" in str(e) else "style_refs", str(e)) from None
 
 
 class BodyLimit:
@@ -374,6 +425,11 @@ def create_app(cfg: ServeConfig, pipe=None):
         pipe = load_pipeline(cfg.checkpoint)
     metrics = Metrics()
     batcher = Batcher(pipe, cfg, metrics)
+    encoder = None
+    if cfg.style_encoder:
+        from krea2.style import load_style_encoder
+
+        encoder = load_style_encoder(cfg.style_encoder)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -411,7 +467,7 @@ def create_app(cfg: ServeConfig, pipe=None):
         if not isinstance(body, dict):
             return answer(400, error_body("the request body must be a JSON object with at least \"prompt\""), t0)
         try:
-            job = build_job(body, pipe, cfg)
+            job = build_job(body, pipe, cfg, encoder)
         except FieldError as e:
             return answer(e.status, error_body(e.message, e.param), t0)
         try:
