@@ -15,8 +15,8 @@ import statistics
 import time
 
 import torch
+from dit_step import bench_pair  # benchmarks/ is on sys.path when run as a script
 
-from krea2.models.convert import to_diffusers
 from krea2.models.dit import DiT
 from krea2.models.lora import diffusers_name
 from krea2.sampling import joint_inputs
@@ -34,13 +34,7 @@ def main():
         torch.set_num_threads(args.threads)
     from peft import LoraConfig, inject_adapter_in_model
 
-    torch.manual_seed(0)
-    ours = DiT("bench").train()
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.05)
-    theirs = to_diffusers(ours).train()  # the same weights, before either gets adapters
+    ours, theirs = bench_pair()  # the same weights, before either gets adapters
     cfg = LoRAConfig(rank=args.rank, alpha=args.rank, targets="all")
     names = lora_targets(ours, cfg.targets)
     ours = inject_lora(ours, cfg)

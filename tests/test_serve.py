@@ -220,29 +220,35 @@ def test_a_full_queue_answers_429_and_no_accepted_request_is_lost(pipe):
         assert metric(url, 'krea2_requests_total{code="429"}') == 1.0
 
 
-def test_timeouts_and_client_disconnects_drop_the_request(pipe):
+@contextmanager
+def held(pipe, **kw):
+    """A server whose worker holds a first request at the gate; the gate opens when the block ends."""
     gated = Gated(pipe)
     gated.gate.clear()
-    with server(gated, timeout_s=1.0, max_batch=1) as (url, _):
+    with server(gated, max_batch=1, **kw) as (url, _):
         holder = threading.Thread(target=lambda: post(url, {"prompt": "a red circle", "steps": 2}))
         holder.start()
         wait_for(lambda: len(gated.calls) == 1)
+        try:
+            yield url, gated
+        finally:
+            gated.gate.set()
+            holder.join()
+
+
+def test_timeouts_and_client_disconnects_drop_the_request(pipe):
+    with held(pipe, timeout_s=1.0) as (url, _):
         r = post(url, {"prompt": "a blue square", "steps": 2})  # waits behind the held one: 504 after 1 s
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
         assert httpx.get(f"{url}/healthz").json()["queue_depth"] == 0  # dropped, not sampled later
 
-    gated = Gated(pipe)
-    gated.gate.clear()
-    with server(gated, timeout_s=60, max_batch=1) as (url, _):
-        holder = threading.Thread(target=lambda: post(url, {"prompt": "a red circle", "steps": 2}))
-        holder.start()
-        wait_for(lambda: len(gated.calls) == 1)
+    with held(pipe, timeout_s=60) as (url, gated):
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             post(url, {"prompt": "a blue square", "steps": 2}, timeout=0.5)
         wait_for(lambda: metric(url, 'krea2_requests_total{code="499"}') == 1.0)
         assert httpx.get(f"{url}/healthz").json()["queue_depth"] == 0
         gated.gate.set()
-        holder.join()
+        wait_for(lambda: metric(url, "krea2_images_total") == 1.0)
         assert post(url, {"prompt": "a green triangle", "steps": 2}).status_code == 200
         assert gated.calls == [1, 1]  # the abandoned request was never sampled
 
