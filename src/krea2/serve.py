@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -317,10 +317,11 @@ def build_job(body: dict, pipe, cfg: ServeConfig, encoder=None) -> Job:
         except Krea2Error as e:
             raise FieldError(name, str(e)) from None
     width, height = parse_size(req.size, pipe, cfg)
-    base = pipe.sampling if req.preset is None else sampling_preset(req.preset)
+    base = pipe.sampling
+    if req.preset is not None:  # the preset's steps, guidance and mu; the checkpoint keeps its resolution rule
+        p = sampling_preset(req.preset)
+        base = replace(base, steps=p.steps, guidance=p.guidance, mu=p.mu)
     overrides = {k: v for k, v in (("steps", req.steps), ("guidance", req.guidance), ("mu", req.mu)) if v is not None}
-    from dataclasses import replace
-
     sampling = replace(base, **{k: (float(v) if k != "steps" else v) for k, v in overrides.items()})
     seed = req.seed if req.seed is not None else random.randrange(2**31)
     style = style_mix(req, encoder, cfg) if req.style_refs else None
