@@ -36,8 +36,7 @@ def generate(
              "(up to 10). Needs --style-encoder.", show_default=False)] = None,
     style_strength: Annotated[float, typer.Option(help="Style strength in [0, 1] (0: the base model).")] = 0.5,
     style_encoder: Annotated[str | None, typer.Option(
-        help="The style encoder: world (shipped) or a `style` stage folder (style.json, "
-             "style_encoder.safetensors).",
+        help="The style encoder: a `style` stage folder (style.json, style_encoder.safetensors).",
         show_default=False)] = None,
 ):
     """Generate images from text."""

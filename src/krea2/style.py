@@ -132,17 +132,13 @@ def styled_velocity(model: Callable, x: Tensor, t: Tensor, cond: Conditioning, u
 
 
 def load_style_encoder(folder, device="cpu") -> StyleEncoder:
-    """The style encoder a `style` stage wrote (style_encoder.safetensors + style.json in its stage folder), or
-    "world": the one shipped for the world model. Raises Krea2Error for a missing or damaged folder."""
+    """The style encoder a `style` stage wrote (style_encoder.safetensors + style.json in its stage folder).
+    Raises Krea2Error for a missing or damaged folder."""
     import json
     from pathlib import Path
 
     from krea2.models.loading import read_safetensors
 
-    if str(folder) == "world":
-        from krea2.models.checkpoint import ASSETS
-
-        folder = ASSETS / "world_style"
     folder = Path(folder)
     cfg_file, weights = folder / "style.json", folder / "style_encoder.safetensors"
     if not cfg_file.is_file() or not weights.is_file():

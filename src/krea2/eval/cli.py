@@ -53,8 +53,8 @@ def world(
 
 @app.command("style")
 def style(
-    style_encoder: Annotated[str, typer.Option(help="world (shipped) or a `style` stage folder (style.json, "
-                                               "style_encoder.safetensors).")] = "world",
+    style_encoder: Annotated[str, typer.Option(help="A `style` stage folder (style.json, "
+                                               "style_encoder.safetensors).")],
     checkpoint: Annotated[str, typer.Option(help="The base model the encoder was trained for.")] = "world",
     prompts: Annotated[str, typer.Option(help="world_eval | world_eval_small | a JSONL file; lines may carry refs "
                                          "[{style, weight}] and strength.")] = "world_eval",
