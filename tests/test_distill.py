@@ -294,3 +294,18 @@ def test_distillation_resumes_exactly_and_trains_student_and_fake_score(tmp_path
         assert any(k.startswith("model.objective.gan_head.") for k in keys)
     cfg = json.loads((ref / "config.json").read_text())
     assert cfg["sampling"]["steps"] == 2 and cfg["sampling"]["guidance"] == 0.0 and cfg["sampling"]["mu"] == 1.15
+
+
+def test_world_turbo_ships_with_its_preset():
+    from krea2.models.checkpoint import resolve_checkpoint
+    from krea2.pipeline import load_pipeline
+
+    info = resolve_checkpoint("world-turbo")
+    s = info.sampling
+    assert (s.steps, s.guidance, s.mu) == (4, 0.0, 1.15)
+    assert info.model == resolve_checkpoint("world").model  # the teacher's architecture
+    pipe = load_pipeline("world-turbo")
+    calls = []
+    pipe.model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    images = pipe.generate(["a red circle", "a blue square"], seed=0)
+    assert images.shape == (2, 3, 32, 32) and len(calls) == 4  # 4 steps, one pass each: no guidance
