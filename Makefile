@@ -54,10 +54,10 @@ world-rl: setup
 	bash scripts/world_ladder.sh runs/ladder
 	bash scripts/world_sft.sh runs/ladder
 
-# Turbo: TDM distils the shipped base into a 4-step, guidance-free student (`--checkpoint world-turbo`); with the
-# 8-step TDM and 4-step DMD2 arms, the teacher at 20/8/4 steps, a teacher LoRA on the student and the distillation
-# extracted as LoRAs (about 2.5 hours on 2 cores; resumable). The shipped student is the TDM-4 run:
-#   .venv/bin/krea2 export runs/turbo/tdm4/final src/krea2/assets/world_turbo --to krea2 --dtype bf16 --overwrite
+# Turbo: TDM distils the shipped base into guidance-free students on the Turbo grid (4 and 8 steps, and a 4-step
+# DMD2 arm), with the teacher at 20/8/4 steps, a teacher LoRA on the student and the distillation extracted as LoRAs
+# (about 3 hours on 2 cores; resumable). The shipped student (`--checkpoint world-turbo`) is the 8-step TDM run:
+#   .venv/bin/krea2 export runs/turbo/tdm8/final src/krea2/assets/world_turbo --to krea2 --dtype bf16 --overwrite
 world-turbo: setup
 	bash scripts/world_turbo.sh runs/turbo
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Turbo on the world model, measured (BENCHMARKS.md "World Turbo"): the teacher at its preset and at 8/4 Euler steps;
-# TDM students at 4 and 8 steps (recipes/world-turbo.toml) and a DMD2 student at 4 steps (recipes/world-turbo-dmd2.toml,
+# TDM students at 8 (shipped) and 4 steps (recipes/world-turbo.toml) and a DMD2 student at 4 steps (recipes/world-turbo-dmd2.toml,
 # about the same CPU time as TDM-4); a LoRA trained on the teacher (make lora-demo) applied to the student; the
 # teacher-to-student difference extracted as LoRAs of several ranks. Every step is skipped when its output exists.
 # Usage: bash scripts/world_turbo.sh [OUT=runs/turbo]
@@ -11,8 +11,8 @@ mkdir -p "$OUT/eval" "$OUT/lora"
 train() {  # recipe, out [--set ...]
   [ -f "$2/final/model.safetensors" ] || $K train "$1" --out "$2" --resume --no-progress "${@:3}"
 }
-train recipes/world-turbo.toml "$OUT/tdm4"
-train recipes/world-turbo.toml "$OUT/tdm8" --set stages.0.objective.student_steps=8 --set sampling.steps=8
+train recipes/world-turbo.toml "$OUT/tdm8"
+train recipes/world-turbo.toml "$OUT/tdm4" --set stages.0.objective.student_steps=4 --set sampling.steps=4
 train recipes/world-turbo-dmd2.toml "$OUT/dmd2_4"
 
 for s in 20 8 4; do eval_world world "$OUT/eval/teacher_s$s.json" --steps "$s"; done
@@ -26,11 +26,15 @@ ZORB=runs/lora-demo/run/zorb/lora.safetensors
 [ -f "$ZORB" ] || bash "$(dirname "$0")/lora_demo.sh" runs/lora-demo
 zorb() { [ -f "$2" ] || $K eval world --checkpoint "$1" --prompts runs/lora-demo/zorb.jsonl --images-per-prompt 4 \
   --no-fid --out "$2" "${@:3}"; }
-[ -f "$OUT/lora/tdm4+zorb/model.safetensors" ] || $K lora merge "$OUT/tdm4/final" "$ZORB" --out "$OUT/lora/tdm4+zorb"
+for st in tdm8 tdm4; do
+  [ -f "$OUT/lora/$st+zorb/model.safetensors" ] || $K lora merge "$OUT/$st/final" "$ZORB" --out "$OUT/lora/$st+zorb"
+done
 zorb world "$OUT/eval/zorb_teacher.json"
 zorb runs/lora-demo/run/final "$OUT/eval/zorb_teacher+lora.json"
-zorb "$OUT/tdm4/final" "$OUT/eval/zorb_tdm4.json"
-zorb "$OUT/lora/tdm4+zorb" "$OUT/eval/zorb_tdm4+lora.json"
+for st in tdm8 tdm4; do
+  zorb "$OUT/$st/final" "$OUT/eval/zorb_$st.json"
+  zorb "$OUT/lora/$st+zorb" "$OUT/eval/zorb_$st+lora.json"
+done
 
 # the teacher-to-student difference as a LoRA: reconstruction error per rank, and the teacher + LoRA at 4 steps
 for r in 4 16 64; do

@@ -302,10 +302,10 @@ def test_world_turbo_ships_with_its_preset():
 
     info = resolve_checkpoint("world-turbo")
     s = info.sampling
-    assert (s.steps, s.guidance, s.mu) == (4, 0.0, 1.15)
+    assert (s.steps, s.guidance, s.mu) == (8, 0.0, 1.15)  # the TDM 8-step student, as Krea 2 Turbo
     assert info.model == resolve_checkpoint("world").model  # the teacher's architecture
     pipe = load_pipeline("world-turbo")
     calls = []
     pipe.model.register_forward_pre_hook(lambda m, args: calls.append(1))
     images = pipe.generate(["a red circle", "a blue square"], seed=0)
-    assert images.shape == (2, 3, 32, 32) and len(calls) == 4  # 4 steps, one pass each: no guidance
+    assert images.shape == (2, 3, 32, 32) and len(calls) == 8  # 8 steps, one pass each: no guidance
