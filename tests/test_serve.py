@@ -291,8 +291,11 @@ def test_style_references_in_requests(pipe, tmp_path):
     Image.fromarray(world.render(world.sample_scene(np.random.default_rng(0), styles=["striped"]), 32, 0)).save(
         buf, format="PNG")
     ref = base64.b64encode(buf.getvalue()).decode()
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), "white").save(buf, format="PNG")  # ~50 KB of PNG, 16.8 MP
+    big = base64.b64encode(buf.getvalue()).decode()
     body = {"prompt": "a red circle", "seed": 4, "steps": 4}
-    with server(pipe, style_encoder=str(folder)) as (url, _):
+    with server(pipe, style_encoder=str(folder), max_body_bytes=1 << 20) as (url, _):
         plain = decode(post(url, body).json()["data"][0])
         styled = post(url, {**body, "style_refs": [{"b64_json": ref, "weight": 1.0}], "style_strength": 1.0})
         assert styled.status_code == 200 and not np.array_equal(decode(styled.json()["data"][0]), plain)
@@ -302,9 +305,33 @@ def test_style_references_in_requests(pipe, tmp_path):
                            ({"style_refs": [{"b64_json": base64.b64encode(b"not an image").decode()}]}, "style_refs"),
                            ({"style_refs": [{"b64_json": ref}], "style_strength": 2}, "style_strength"),
                            ({"style_refs": [{"b64_json": ref, "weight": 0}]}, "style_refs"),
-                           ({"style_refs": []}, "style_refs")]:
+                           ({"style_refs": []}, "style_refs"),
+                           ({"style_refs": [{"b64_json": big}]}, "style_refs")]:  # small bytes, too many pixels
             r = post(url, {**body, **bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
     with server(pipe) as (url, _):  # no encoder: the field is refused by name
         r = post(url, {**body, "style_refs": [{"b64_json": ref}]})
         assert r.status_code == 400 and "--style-encoder" in r.json()["error"]["message"]
+
+
+def test_loras_are_switched_on_per_request_and_off_exactly(pipe, tmp_path):
+    from krea2.models.lora import save_lora
+
+    torch.manual_seed(0)
+    d = pipe.model.cfg.features
+    save_lora(tmp_path / "zorb.safetensors", {"blocks.0.attn.wq.lora_A.weight": torch.randn(4, d) * 0.3,
+                                             "blocks.0.attn.wq.lora_B.weight": torch.randn(d, 4) * 0.3}, 4.0)
+    body = {"prompt": "a red circle", "seed": 2, "steps": 4}
+    try:
+        with server(pipe, loras=(f"zorb={tmp_path / 'zorb.safetensors'}",)) as (url, _):
+            assert httpx.get(f"{url}/healthz").json()["loras"] == ["zorb"]
+            plain = decode(post(url, body).json()["data"][0])
+            on = post(url, {**body, "lora": [{"name": "zorb", "scale": 1.0}]})
+            assert on.status_code == 200 and on.json()["krea2"]["lora"] == {"zorb": 1.0}
+            assert not np.array_equal(decode(on.json()["data"][0]), plain)
+            assert np.array_equal(decode(post(url, body).json()["data"][0]), plain)  # off again, exactly
+            for bad in ([{"name": "nope"}], [{"name": "zorb", "scale": 9}], [{"name": "zorb"}, {"name": "zorb"}]):
+                r = post(url, {**body, "lora": bad})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "lora", r.text
+    finally:
+        pipe.unload_lora()  # the module's shared pipeline, as the other tests expect it

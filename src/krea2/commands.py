@@ -238,6 +238,9 @@ def serve(
                                            "upload, checked before decoding).")] = 1024 * 1024,
     style_encoder: Annotated[str | None, typer.Option(
         help="A `style` stage folder: enables the `style_refs` field.", show_default=False)] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="Load a LoRA, FILE or NAME=FILE (switched off); requests turn it on with "
+             "\"lora\": [{\"name\": NAME, \"scale\": S}]. Repeat for several.", show_default=False)] = None,
 ):
     """Serve a checkpoint over HTTP: POST /v1/images/generations (OpenAI images API shape), GET / (a web page),
     /healthz and /metrics (Prometheus)."""
@@ -245,7 +248,7 @@ def serve(
     from krea2.serve import serve as run
 
     run(ServeConfig(checkpoint, host, port, max_queue, max_batch, max_n, timeout, max_body, max_pixels,
-                    style_encoder=style_encoder))
+                    style_encoder=style_encoder, loras=tuple(lora or ())))
 
 
 def register(app: typer.Typer) -> None:

@@ -55,6 +55,7 @@ class ServeConfig:
     max_prompt_chars: int = 2000
     retry_after_s: int = 2
     style_encoder: str | None = None  # a `style` stage folder: enables `style_refs`
+    loras: tuple[str, ...] = ()  # FILE or NAME=FILE, loaded at start (scale 0); requests switch them on by name
 
     def __post_init__(self):
         for option, value in (("--max-queue", self.max_queue), ("--max-batch", self.max_batch),
@@ -89,6 +90,12 @@ def _request_model():
         b64_json: str  # a PNG, JPEG or WebP, base64
         weight: float | int = 1.0
 
+    class LoraUse(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        name: str
+        scale: float | int = 1.0
+
     class GenerationRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -104,6 +111,7 @@ def _request_model():
         seed: int | None = Field(None, ge=0, lt=2**63)
         preset: Literal["raw", "turbo"] | None = None
         style_refs: list[StyleRef] | None = Field(None, min_length=1, max_length=10)
+        lora: list[LoraUse] | None = Field(None, max_length=4)
         style_strength: float | int = 0.5
 
     return GenerationRequest
@@ -119,6 +127,7 @@ class Shape:
     guidance: float
     mu: float | None
     style: int = 0  # requests with style references never share a batch (their references differ): a unique id
+    loras: tuple = ()  # ((name, scale), ...) sorted: the LoRAs switched on for this batch
 
 
 @dataclass
@@ -148,6 +157,7 @@ class Batcher:
 
     def __init__(self, pipe, cfg: ServeConfig, metrics: Metrics):
         self.pipe, self.cfg, self.metrics = pipe, cfg, metrics
+        self.loras: list[str] = []  # LoRAs loaded at start, by name
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
         self.progress = {"done": 0, "total": 0, "images": 0}
@@ -214,6 +224,9 @@ class Batcher:
 
             t0 = time.perf_counter()
             try:
+                active = dict(shape.loras)
+                for name in self.loras:  # the batch's LoRAs on, every other loaded one off (scale 0 is exact)
+                    self.pipe.set_lora_scale(name, active.get(name, 0.0))
                 with torch.inference_mode():
                     images = self.pipe.generate(prompts, batch[0].sampling, seeds=seeds, width=shape.width,
                                                 height=shape.height, batch_size=self.cfg.max_batch, progress=tick,
@@ -288,7 +301,7 @@ def parse_size(size: str | None, pipe, cfg: ServeConfig) -> tuple[int, int]:
     return width, height
 
 
-def build_job(body: dict, pipe, cfg: ServeConfig, encoder=None) -> Job:
+def build_job(body: dict, pipe, cfg: ServeConfig, encoder=None, loaded=None) -> Job:
     """Validate a request body into a Job, or raise FieldError naming the first bad field."""
     from pydantic import ValidationError
 
@@ -325,12 +338,46 @@ def build_job(body: dict, pipe, cfg: ServeConfig, encoder=None) -> Job:
     sampling = replace(base, **{k: (float(v) if k != "steps" else v) for k, v in overrides.items()})
     seed = req.seed if req.seed is not None else random.randrange(2**31)
     style = style_mix(req, encoder, cfg) if req.style_refs else None
+    loras = lora_uses(req, set(loaded or ()))
     shape = Shape(width, height, sampling.steps, float(sampling.guidance), sampling.mu,
-                  style=0 if style is None else next(_STYLE_IDS))
+                  style=0 if style is None else next(_STYLE_IDS), loras=loras)
     return Job(req.prompt, [seed + i for i in range(req.n)], shape, sampling, style)
 
 
 _STYLE_IDS = itertools.count(1)
+
+
+def lora_uses(req, loaded: set[str]) -> tuple:
+    """The request's `lora` list as sorted ((name, scale), ...) of LoRAs loaded at start; FieldError naming `lora`
+    for an unknown name, a name given twice or a scale outside [-4, 4]."""
+    import math
+
+    uses = {}
+    for use in req.lora or []:
+        if use.name not in loaded:
+            known = ", ".join(sorted(loaded)) or "none (start the server with --lora NAME=FILE)"
+            raise FieldError("lora", f"LoRA {use.name!r} is not loaded; loaded: {known}")
+        if use.name in uses:
+            raise FieldError("lora", f"LoRA {use.name!r} is given twice")
+        if not (math.isfinite(use.scale) and -4 <= use.scale <= 4):
+            raise FieldError("lora", f"LoRA {use.name!r} scale must be in [-4, 4], got {use.scale}")
+        uses[use.name] = float(use.scale)
+    return tuple(sorted(uses.items()))
+
+
+def load_loras(pipe, specs) -> list[str]:
+    """Load each `FILE` or `NAME=FILE` into the pipeline switched off (scale 0); returns the names."""
+    from pathlib import Path
+
+    names = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if not Path(path).is_file():
+            raise Krea2Error(f"--lora {spec}: file not found")
+        names.append(pipe.load_lora(path, 0.0, name=name))
+    return names
 
 
 def style_mix(req, encoder, cfg: ServeConfig):
@@ -426,6 +473,7 @@ def create_app(cfg: ServeConfig, pipe=None):
         pipe = load_pipeline(cfg.checkpoint)
     metrics = Metrics()
     batcher = Batcher(pipe, cfg, metrics)
+    batcher.loras = load_loras(pipe, cfg.loras)
     encoder = None
     if cfg.style_encoder:
         from krea2.style import load_style_encoder
@@ -468,7 +516,7 @@ def create_app(cfg: ServeConfig, pipe=None):
         if not isinstance(body, dict):
             return answer(400, error_body("the request body must be a JSON object with at least \"prompt\""), t0)
         try:
-            job = build_job(body, pipe, cfg, encoder)
+            job = build_job(body, pipe, cfg, encoder, batcher.loras)
         except FieldError as e:
             return answer(e.status, error_body(e.message, e.param), t0)
         try:
@@ -494,7 +542,7 @@ def create_app(cfg: ServeConfig, pipe=None):
                             "data": [{"b64_json": b, "seed": seed, "revised_prompt": None}
                                      for b, seed in zip(job.images, job.seeds)],
                             "krea2": {"size": f"{s.width}x{s.height}", "steps": s.steps, "guidance": s.guidance,
-                                      "mu": s.mu, "prompt": job.prompt,
+                                      "mu": s.mu, "prompt": job.prompt, "lora": dict(s.loras),
                                       "seconds": round(time.perf_counter() - t0, 4)}}, t0, queued=True)
 
     @app.get("/healthz")
@@ -503,7 +551,8 @@ def create_app(cfg: ServeConfig, pipe=None):
                 "max_queue": cfg.max_queue, "progress": batcher.progress,
                 "defaults": {"size": f"{pipe.resolution}x{pipe.resolution}", "steps": pipe.sampling.steps,
                              "guidance": pipe.sampling.guidance},
-                "presets": {name: {"steps": p.steps, "guidance": p.guidance} for name, p in PRESETS.items()}}
+                "presets": {name: {"steps": p.steps, "guidance": p.guidance} for name, p in PRESETS.items()},
+                "loras": batcher.loras, "style_refs": encoder is not None}
 
     @app.get("/metrics")
     async def prometheus():
