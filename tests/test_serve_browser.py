@@ -48,6 +48,7 @@ def test_the_page_generates_images_in_chromium(tmp_path):
             WebDriverWait(driver, 30).until(
                 lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", im)
                               for im in d.find_elements(By.CSS_SELECTOR, "#results img")))
+            WebDriverWait(driver, 10).until(lambda d: "image(s)" in d.find_element(By.ID, "status").text)
             images = driver.find_elements(By.CSS_SELECTOR, "#results img")
             rects = [im.rect for im in images]
             captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#results figcaption")]
