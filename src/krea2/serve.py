@@ -1,7 +1,8 @@
 """`krea2 serve`: one long-lived pipeline behind an HTTP API shaped like OpenAI's images API, and a web page.
 
 Endpoints: `POST /v1/images/generations` (OpenAI fields `prompt`, `n`, `size` "WxH", `response_format` "b64_json",
-plus krea2's `steps`, `guidance`, `mu`, `seed`, `preset`), `GET /healthz` (status, queue depth and the running
+plus krea2's `steps`, `guidance`, `mu`, `seed`, `preset`, `lora` (LoRAs loaded at start, switched on per request),
+`style_refs` and `style_strength` (with a style encoder)), `GET /healthz` (status, queue depth and the running
 batch's progress), `GET /metrics` (Prometheus), `GET /` (the page).
 
 Requests wait in a bounded queue (full: 429 with Retry-After) for one worker thread that owns the pipeline;
