@@ -177,7 +177,10 @@ class Pipeline:
         sampling settings out of range (krea2.limits). An empty prompt "" is the unconditional input, allowed here on
         purpose (commands refuse it: krea2.limits.check_prompts).
         """
+        from functools import partial
+
         from krea2.limits import check_sampling
+        from krea2.style import styled_velocity
 
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -225,12 +228,9 @@ class Pipeline:
                 else:
                     noise = torch.cat([initial_noise(1, self.model.cfg.channels, h, w, s, device=self.device)
                                        for s in seeds[start:start + len(chunk)]])
-                if style is None:
-                    x = euler_sample(self.model, patchify(noise, p), ts, cond, uncond, cfg.guidance,
-                                     progress=tick if progress else None)
-                else:
-                    x = self._styled_sample(patchify(noise, p), ts, cond, uncond, cfg.guidance, style, gh, gw,
-                                            tick if progress else None)
+                velocity = None if style is None else partial(styled_velocity, mix=style, gh=gh, gw=gw)
+                x = euler_sample(self.model, patchify(noise, p), ts, cond, uncond, cfg.guidance,
+                                 progress=tick if progress else None, velocity=velocity)
                 if not bool(torch.isfinite(x).all()):  # clamp would turn NaN into a black image with exit 0
                     raise Krea2Error(
                         f"sampling produced non-finite values (NaN or inf) for prompt {start + 1}; the model's "
@@ -243,21 +243,6 @@ class Pipeline:
                 bar.close()
         return torch.cat(images)
 
-
-    @torch.no_grad()
-    def _styled_sample(self, x, ts, cond, uncond, guidance, style, gh, gw, progress=None):
-        """Euler over the grid with `krea2.style.styled_velocity` (the release's update, the styled velocity)."""
-        from krea2.sampling import model_dtype_of
-        from krea2.style import styled_velocity
-
-        dtype = model_dtype_of(self.model, x)
-        for k in range(len(ts) - 1):
-            t = torch.full((x.shape[0],), float(ts[k]), device=x.device, dtype=x.dtype)
-            v = styled_velocity(self.model, x.to(dtype), t, cond, uncond, guidance, style, gh, gw)
-            x = x + (float(ts[k + 1]) - float(ts[k])) * v.to(x.dtype)
-            if progress is not None:
-                progress(k)
-        return x
 
 
 def load_pipeline(checkpoint: str = "world", device: str = "cpu", dtype: torch.dtype | None = None,

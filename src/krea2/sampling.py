@@ -140,13 +140,16 @@ def model_dtype_of(model: Callable, x: Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def euler_sample(model: Callable, x: Tensor, ts: Tensor, cond: Conditioning, uncond: Conditioning | None,
-                 guidance: float, progress: Callable | None = None) -> Tensor:
-    """Euler from ts[0] = 1 to ts[-1] = 0 over tokens x; the state stays in x's dtype (fp32 by default)."""
+                 guidance: float, progress: Callable | None = None, velocity: Callable | None = None) -> Tensor:
+    """Euler from ts[0] = 1 to ts[-1] = 0 over tokens x; the state stays in x's dtype (fp32 by default).
+    velocity(model, x, t, cond, uncond, guidance): the step's velocity, `guided_velocity` (the release) by default;
+    style references pass `functools.partial(krea2.style.styled_velocity, mix=..., gh=..., gw=...)`."""
+    velocity = velocity or guided_velocity
     B = x.shape[0]
     model_dtype = model_dtype_of(model, x)
     for k in range(len(ts) - 1):
         t = torch.full((B,), float(ts[k]), device=x.device, dtype=x.dtype)
-        v = guided_velocity(model, x.to(model_dtype), t, cond, uncond, guidance)
+        v = velocity(model, x.to(model_dtype), t, cond, uncond, guidance)
         x = x + (float(ts[k + 1]) - float(ts[k])) * v.to(x.dtype)
         if progress is not None:
             progress(k)

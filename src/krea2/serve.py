@@ -388,25 +388,21 @@ def style_mix(req, encoder, cfg: ServeConfig):
 
     import torch
 
-    from krea2.data.curation.checks import Rejected, load_rgb
-    from krea2.style import mix_references
+    from krea2.style import decode_reference, mix_references
 
     if encoder is None:
         raise FieldError("style_refs", "this server has no style encoder; start it with --style-encoder DIR")
     tokens, weights = [], []
     for i, ref in enumerate(req.style_refs):
         try:
-            data = base64.b64decode(ref.b64_json, validate=True)
-            rgb, meta = load_rgb(data, max_pixels=cfg.max_pixels)
+            image = decode_reference(base64.b64decode(ref.b64_json, validate=True), f"style_refs[{i}]",
+                                     cfg.max_pixels)
         except (binascii.Error, ValueError):
             raise FieldError("style_refs", f"style_refs[{i}].b64_json is not base64") from None
-        except Rejected as e:
-            raise FieldError("style_refs", f"style_refs[{i}] cannot be used: {e}") from None
-        if meta.get("frames", 1) > 1:
-            raise FieldError("style_refs", f"style_refs[{i}] is animated; send a still image")
-        image = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 127.5 - 1
+        except Krea2Error as e:
+            raise FieldError("style_refs", str(e)) from None
         with torch.no_grad():
-            tokens.append(encoder(image))
+            tokens.append(encoder(image[None]))
         weights.append(float(ref.weight))
     try:
         return mix_references(tokens, weights, float(req.style_strength))

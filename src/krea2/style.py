@@ -157,14 +157,27 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
     return encoder.to(device).eval().requires_grad_(False)
 
 
+def decode_reference(data: bytes, what: str, max_pixels: int = 64 * 1024 * 1024) -> Tensor:
+    """Image bytes -> (3, H, W) in [-1, 1], by curation's checked decoder (size capped from the header before any
+    pixel is decoded, EXIF orientation applied, 16-bit scaled by its depth, alpha over white). A one-line
+    Krea2Error naming `what` for an unreadable, truncated, oversized or animated image."""
+    from krea2.data.curation.checks import Rejected, load_rgb
+    from krea2.train.data import to_pixels
+
+    try:
+        rgb, meta = load_rgb(data, max_pixels=max_pixels)
+    except Rejected as e:
+        raise Krea2Error(f"{what} cannot be used: {e}") from None
+    if meta.get("frames", 1) > 1:
+        raise Krea2Error(f"{what} is animated ({meta['frames']} frames); give a still image")
+    return to_pixels(torch.from_numpy(rgb))
+
+
 def read_reference(spec: str, max_pixels: int = 64 * 1024 * 1024) -> tuple[Tensor, float]:
-    """`IMG[:WEIGHT]` -> (image (3, H, W) in [-1, 1], weight). Decoded by curation's checked decoder (size capped
-    before decoding, EXIF orientation applied, 16-bit scaled by its depth, alpha over white); an unreadable,
-    truncated, oversized or animated file, or a bad weight, is a one-line Krea2Error."""
+    """`IMG[:WEIGHT]` -> (image (3, H, W) in [-1, 1], weight), decoded by `decode_reference`; a missing file or a
+    bad weight is a one-line Krea2Error too."""
     import math
     from pathlib import Path
-
-    from krea2.data.curation.checks import Rejected, load_rgb
 
     path, weight = spec, 1.0
     head, sep, tail = spec.rpartition(":")
@@ -178,10 +191,4 @@ def read_reference(spec: str, max_pixels: int = 64 * 1024 * 1024) -> tuple[Tenso
     file = Path(path)
     if not file.is_file():
         raise Krea2Error(f"style reference not found: {path}")
-    try:
-        rgb, meta = load_rgb(file.read_bytes(), max_pixels=max_pixels)
-    except Rejected as e:
-        raise Krea2Error(f"style reference {path} cannot be used: {e}") from None
-    if meta.get("frames", 1) > 1:
-        raise Krea2Error(f"style reference {path} is animated ({meta['frames']} frames); give a still image")
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1, weight
+    return decode_reference(file.read_bytes(), f"style reference {path}", max_pixels), weight

@@ -20,6 +20,7 @@ import torch
 from krea2.data import world
 from krea2.errors import Krea2Error
 from krea2.eval import checker
+from krea2.train.data import to_pixels
 
 
 def references(record: dict, index: int, size: int, seed: int) -> tuple[torch.Tensor, list[float], list[dict]]:
@@ -35,8 +36,7 @@ def references(record: dict, index: int, size: int, seed: int) -> tuple[torch.Te
         images.append(world.render(scene, size, int(rng.integers(2**31))))
         weights.append(float(ref.get("weight", 1.0)))
         scenes.append(world.scene_to_record(scene))
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, weights, scenes
+    return to_pixels(torch.from_numpy(np.stack(images))), weights, scenes
 
 
 def leaks(det: checker.Detection, record: dict, ref_scenes: Sequence[dict]) -> bool:
