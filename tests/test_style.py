@@ -246,3 +246,8 @@ def test_generate_with_style_references(tmp_path, cli_error):
         assert code == 2 and needle in err and "Traceback" not in err, err
     code, err = run("bad", "--style-ref", ref, "--style-encoder", enc, "--style-strength", "1.5")
     assert code == 2 and "strength must be in [0, 1]" in err
+    code, err = run("bad", "--style-ref", f"{ref}:abc", "--style-encoder", enc)
+    assert code == 2 and "the weight 'abc' is not a number" in err
+    code, err = run("bad", "--style-encoder", enc)  # style options without a reference are not silently ignored
+    assert code == 2 and "add --style-ref" in err
+    assert not (tmp_path / "bad").exists()  # every refusal came before --out was made

@@ -13,7 +13,8 @@ from krea2.errors import Krea2Error
 def generate(
     # optional for click so that no prompts is our one-line error (exit 2), not a usage dump
     prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.", show_default=False)] = None,
-    checkpoint: Annotated[str, typer.Option(help="world | raw | turbo | checkpoint folder | .safetensors")] = "world",
+    checkpoint: Annotated[str, typer.Option(help="world | world-turbo | raw | turbo | checkpoint folder | "
+                                                 ".safetensors")] = "world",
     text_encoder: Annotated[str | None, typer.Option(help="Text encoder spec (default: the checkpoint's).")] = None,
     vae: Annotated[str | None, typer.Option(help="Autoencoder spec (default: the checkpoint's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Euler steps (default: the checkpoint's preset).")] = None,
@@ -34,7 +35,8 @@ def generate(
     style_ref: Annotated[list[str] | None, typer.Option(
         help="A style reference image IMG[:WEIGHT] (weight 1 by default; negative: steer away); repeat for several "
              "(up to 10). Needs --style-encoder.", show_default=False)] = None,
-    style_strength: Annotated[float, typer.Option(help="Style strength in [0, 1] (0: the base model).")] = 0.5,
+    style_strength: Annotated[float | None, typer.Option(
+        help="Style strength in [0, 1] (0: the base model; default 0.5).", show_default=False)] = None,
     style_encoder: Annotated[str | None, typer.Option(
         help="The style encoder: a `style` stage folder (style.json, style_encoder.safetensors).",
         show_default=False)] = None,
@@ -54,8 +56,21 @@ def generate(
     limits.check_finite(mu, "--mu")
     limits.check_side(width, "--width")
     limits.check_side(height, "--height")
+    if not style_ref and (style_encoder is not None or style_strength is not None):
+        raise Krea2Error("--style-encoder and --style-strength apply to style references; add --style-ref IMG")
     if out.exists() and not out.is_dir():
         raise Krea2Error(f"--out {out} is a file; give a folder for the images")
+    references = None
+    if style_ref:  # every style input checked before --out is made or the model loads
+        from krea2.style import load_style_encoder, read_reference
+
+        limits.check_finite(style_strength, "--style-strength")
+        if not 0 <= (style_strength if style_strength is not None else 0.5) <= 1:
+            raise Krea2Error(f"--style-strength must be in [0, 1], got {style_strength}")
+        if style_encoder is None:
+            raise Krea2Error("--style-ref needs --style-encoder (the folder of a `style` training stage)")
+        encoder = load_style_encoder(style_encoder)
+        references = [read_reference(spec) for spec in style_ref]
     try:  # before loading and sampling, so a bad path costs nothing
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -64,15 +79,6 @@ def generate(
         raise Krea2Error(f"unknown --quantize {quantize!r}; use fp8 or int8")
     if quantize is not None and lora:
         raise Krea2Error("--lora cannot be combined with --quantize yet; merge the LoRA first (krea2 lora merge)")
-    references = None
-    if style_ref:
-        from krea2.style import load_style_encoder, read_reference
-
-        if style_encoder is None:
-            raise Krea2Error("--style-ref needs --style-encoder (the folder of a `style` training stage)")
-        limits.check_finite(style_strength, "--style-strength")
-        encoder = load_style_encoder(style_encoder)
-        references = [read_reference(spec) for spec in style_ref]  # every file checked before the model loads
     loras = [parse_lora_spec(s) for s in lora or []]
     for path, _ in loras:  # before loading the model, which may take minutes
         if not path.is_file():
@@ -89,7 +95,8 @@ def generate(
 
         with torch.no_grad():
             tokens = [encoder(img[None]) for img, _ in references]
-        style = mix_references(tokens, [w for _, w in references], style_strength)
+        style = mix_references(tokens, [w for _, w in references],
+                               0.5 if style_strength is None else style_strength)
     images = to_pil(pipe.generate(expanded, pipe.sampling_config(steps=steps, guidance=cfg, mu=mu), seed=seed,
                                   width=width, height=height, progress=True, style=style))
     for i, im in enumerate(images):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -170,7 +171,7 @@ def decode_reference(data: bytes, what: str, max_pixels: int = 64 * 1024 * 1024)
         raise Krea2Error(f"{what} cannot be used: {e}") from None
     if meta.get("frames", 1) > 1:
         raise Krea2Error(f"{what} is animated ({meta['frames']} frames); give a still image")
-    return to_pixels(torch.from_numpy(rgb))
+    return to_pixels(torch.from_numpy(np.ascontiguousarray(rgb).copy()))  # decoders can hand read-only arrays
 
 
 def read_reference(spec: str, max_pixels: int = 64 * 1024 * 1024) -> tuple[Tensor, float]:
@@ -185,6 +186,8 @@ def read_reference(spec: str, max_pixels: int = 64 * 1024 * 1024) -> tuple[Tenso
         try:
             path, weight = head, float(tail)
         except ValueError:
+            if not Path(spec).exists() and Path(head).is_file():
+                raise Krea2Error(f"--style-ref {spec}: the weight {tail!r} is not a number") from None
             path = spec  # a ':' inside the file name
     if not math.isfinite(weight) or weight == 0:
         raise Krea2Error(f"--style-ref {spec}: the weight must be a finite, non-zero number")

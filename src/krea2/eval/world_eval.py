@@ -174,6 +174,8 @@ def format_summary(report: dict) -> list[str]:
         lines.append(f"{'hf_ratio':14s} {report['hf_ratio']:.3f}  (high-frequency energy / world renders')")
     if report.get("diversity") is not None:
         lines.append(f"{'diversity':14s} {report['diversity']:.3f}  (world-encoder spread across seeds of a prompt)")
+    elif "diversity" in report:
+        lines.append(f"{'diversity':14s} -  (not measured: needs --images-per-prompt >= 2)")
     if report.get("nfe") is not None:
         lines.append(f"{'nfe':14s} {report['nfe']}  ({report['seconds_per_image'] * 1000:.1f} ms sampling per image)")
     lines.append(f"overall {report['overall']:.4f}")
