@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.krea2-installed
 
-.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl world-turbo world-style lora-demo serve lint
+.PHONY: setup demo test bench train-demo world-base world-ae world-ablation world-rl world-turbo world-style world-expander lora-demo serve lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -65,6 +65,11 @@ world-turbo: setup
 world-style: setup
 	$(VENV)/bin/krea2 train recipes/world-style.toml --out runs/world-style --resume
 	$(VENV)/bin/krea2 eval style --style-encoder runs/world-style/style --strength 1 --out runs/world-style/eval.json
+
+# the prompt expander (--expander world): SFT then GRPO with TRL, evaluated at every creativity level, then shipped
+# (about 1 hour on 2 cores; resumable)
+world-expander: setup
+	bash scripts/world_expander.sh runs/expander
 
 # the web page and API on http://127.0.0.1:8000/ (Ctrl-C to stop)
 serve: setup

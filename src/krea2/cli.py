@@ -29,8 +29,13 @@ def usage_errors() -> tuple[type[Exception], ...]:
 
 def main() -> None:
     _mount()
+    run(app)
+
+
+def run(typer_app: typer.Typer) -> None:
+    """Run a typer app as a console script: Krea2Error -> one line on stderr, exit 2; usage errors -> usage, exit 2."""
     try:
-        rc = app(standalone_mode=False)
+        rc = typer_app(standalone_mode=False)
     except Krea2Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -40,6 +40,10 @@ def generate(
     style_encoder: Annotated[str | None, typer.Option(
         help="The style encoder: a `style` stage folder (style.json, style_encoder.safetensors).",
         show_default=False)] = None,
+    expand: Annotated[str, typer.Option(
+        help="Prompt expansion: raw (none) | low | medium | high; each image gets its own expansion.")] = "raw",
+    expander: Annotated[str, typer.Option(help="world | hf:PATH (a local causal LM) | an expander folder.")]
+    = "world",
 ):
     """Generate images from text."""
     import torch
@@ -60,6 +64,14 @@ def generate(
         raise Krea2Error("--style-encoder and --style-strength apply to style references; add --style-ref IMG")
     if out.exists() and not out.is_dir():
         raise Krea2Error(f"--out {out} is a file; give a folder for the images")
+    from krea2.expander.grammar import check_level
+
+    check_level(expand)
+    lm = None
+    if expand != "raw":  # loaded before the image model: a missing expander costs nothing
+        from krea2.expander import load_expander
+
+        lm = load_expander(expander)
     references = None
     if style_ref:  # every style input checked before --out is made or the model loads
         from krea2.style import load_style_encoder, read_reference
@@ -89,6 +101,11 @@ def generate(
         pipe.load_lora(path, scale)
     note_snapped_size(pipe, width, height)
     expanded = [p for p in prompts for _ in range(num_images)]
+    if lm is not None:
+        expanded = pipe.expand_prompts(expanded, lm, expand, seed=seed)
+        for i, text in enumerate(expanded):
+            typer.echo(f"{i:04d}: {text}")
+        (out / "prompts.txt").write_text("".join(t + "\n" for t in expanded))
     style = None
     if references:
         from krea2.style import mix_references
@@ -258,8 +275,33 @@ def serve(
                     style_encoder=style_encoder, loras=tuple(lora or ())))
 
 
+def expand(
+    prompt: Annotated[str | None, typer.Argument(help="The short prompt.", show_default=False)] = None,
+    creativity: Annotated[str, typer.Option(help="raw | low | medium | high")] = "medium",
+    expander: Annotated[str, typer.Option(help="world | hf:PATH (a local causal LM) | an expander folder.")]
+    = "world",
+    n: Annotated[int, typer.Option("-n", "--n", min=1, max=64, help="Expansions to sample.")] = 1,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    intent: Annotated[bool, typer.Option(help="Also print the world expander's intent reconstruction.")] = False,
+):
+    """Expand a short prompt into rich captions; one per line (world expander: checked by the parser, marked)."""
+    from krea2 import limits
+    from krea2.expander import load_expander
+    from krea2.expander.grammar import check_level
+
+    prompt = limits.check_prompts([prompt] if prompt is not None else None)[0]
+    if check_level(creativity) == "raw":
+        for _ in range(n):
+            typer.echo(prompt)
+        return
+    lm = load_expander(expander)
+    for completion in lm.completions(prompt, creativity, n, seed):
+        typer.echo(completion if intent else lm.caption_of(completion, prompt))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(generate)
+    app.command()(expand)
     app.command()(serve)
     app.command()(pairs)
     app.command()(export)

@@ -159,16 +159,24 @@ class Pipeline:
 
         return active_loras(self.model)
 
+    @staticmethod
+    def expand_prompts(prompts: list[str], expander, creativity: str = "medium", seed: int = 0) -> list[str]:
+        """One expansion per prompt by a `krea2.expander.Expander` (raw: unchanged), sampled in one batch from seed,
+        so that repeated prompts (several images of one prompt) get different expansions. Raises Krea2Error for an
+        unknown creativity."""
+        return expander.expand_many(list(prompts), creativity, seed)
+
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, sampling: SamplingConfig | None = None, seed: int = 0,
                  width: int | None = None, height: int | None = None, batch_size: int = 16,
                  progress: bool | Progress | None = None, seeds: list[int] | None = None,
-                 style=None) -> torch.Tensor:
+                 style=None, expander=None, creativity: str = "medium") -> torch.Tensor:
         """One image per prompt as a float32 tensor (B, 3, H, W) in [-1, 1] on the pipeline's device.
 
         Image i uses noise seeded seed + i, whatever batch_size is, or seeds[i] when `seeds` (one per prompt) is
         given: a server batching several requests gives each image its own request's seed. `style`: a
-        `krea2.style.StyleMix` (style references, their weights and strength; None: the release path). sampling
+        `krea2.style.StyleMix` (style references, their weights and strength; None: the release path). expander: a
+        `krea2.expander.Expander` that rewrites prompt i at `creativity` first (see expand_prompts). sampling
         defaults to the checkpoint's (build another with `sampling_config(steps=..., guidance=..., mu=...)`).
         width/height default to the native
         resolution and are snapped up silently to a multiple of pixels_per_token (see snap_size; H, W of the
@@ -190,6 +198,8 @@ class Pipeline:
             raise Krea2Error(f"batch_size must be at least 1, got {batch_size}")
         if seeds is not None and len(seeds) != len(prompts):
             raise Krea2Error(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        if expander is not None:
+            prompts = self.expand_prompts(prompts, expander, creativity, seed)
         cfg = sampling or self.sampling
         check_sampling(cfg.steps, cfg.guidance, cfg.mu)
         width, height = self.snap_size(width, height)

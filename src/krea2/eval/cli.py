@@ -91,6 +91,42 @@ def style(
         typer.echo(line)
 
 
+@app.command("expander")
+def expander(
+    prompts: Annotated[str, typer.Option(help="world_eval | world_eval_small | a JSONL prompt file.")] = "world_eval",
+    creativity: Annotated[str, typer.Option(help="raw | low | medium | high")] = "medium",
+    expander: Annotated[str, typer.Option(help="world | hf:PATH | an expander folder.")] = "world",
+    checkpoint: Annotated[str, typer.Option(help="The image model that draws both arms.")] = "world",
+    n: Annotated[int, typer.Option(help="Expansions (and images) per prompt; at least 2.")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option(help="JSON report; the expanded images' grid goes next to it as .png.")] = Path(
+        "expander_eval.json"),
+):
+    """Images from expanded against unexpanded prompts: faithfulness (text by the parser, images by the checker),
+    diversity and score; last line `faithfulness X diversity Yx score A -> B`."""
+    import json
+
+    from krea2.eval.checker import load_prompts
+    from krea2.eval.expander_eval import evaluate_expander, format_summary
+    from krea2.eval.world_eval import marked_grid, prompts_path
+    from krea2.expander import load_expander
+    from krea2.expander.grammar import check_level
+    from krea2.pipeline import load_pipeline
+
+    check_level(creativity)
+    records = load_prompts(prompts_path(prompts))
+    lm = load_expander(expander) if creativity != "raw" else None
+    pipe = load_pipeline(checkpoint, device="cpu")
+    report, _, images = evaluate_expander(pipe, lm, records, creativity, n, seed)
+    report.update(expander=expander, checkpoint=checkpoint, prompts=str(prompts_path(prompts)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    marked_grid(images, [e["correct_expanded"] for e in report["expansions"]], cols=max(n, 9)).save(
+        out.with_suffix(".png"))
+    for line in format_summary(report):
+        typer.echo(line)
+
+
 @app.command("ae")
 def ae(
     vae: Annotated[str, typer.Option(help="Autoencoder spec: world, world:FOLDER, identity, qwen-image[:PATH], ...")]
