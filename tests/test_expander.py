@@ -154,6 +154,8 @@ def test_tokenizer_round_trips_any_text_and_expander_saves_and_loads(tmp_path):
     assert a == lm.completions("a red circle", "high", n=2, seed=5) and len(a) == 2
     assert lm.expand("a red circle", "raw", n=3) == ["a red circle"] * 3
     assert lm.caption_of("no format at all", "a red circle") == "a red circle"  # the intent is never lost
+    # an untrained model writes nothing faithful: the guarded expander resamples, then keeps the prompt
+    assert lm.expand("two red circles", "high", n=3, seed=1, verify=True) == ["two red circles"] * 3
 
 
 def test_a_local_chat_model_expands_with_the_system_prompt(tmp_path):
@@ -192,7 +194,7 @@ class _LengthJudge(rewards.ExpansionRewards):
         n = np.array([len(c) for c in completions], float)
         return {"gate": np.ones(len(n)), "text": n, "image": -n, "diversity": n % 7}
 
-    def image_scores(self, texts, records, seed):
+    def image_scores(self, texts, records, seeds):
         return np.array([len(t) % 3 for t in texts], float)
 
 
@@ -251,7 +253,7 @@ class _OracleExpander:
     def __init__(self, break_color=False):
         self.break_color = break_color
 
-    def expand_many(self, prompts, creativity, seed):
+    def expand_many(self, prompts, creativity, seed, verify=False):
         rng = np.random.default_rng(seed)
         out = []
         for prompt in prompts:

@@ -282,9 +282,12 @@ def expand(
     = "world",
     n: Annotated[int, typer.Option("-n", "--n", min=1, max=64, help="Expansions to sample.")] = 1,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    intent: Annotated[bool, typer.Option(help="Also print the world expander's intent reconstruction.")] = False,
+    intent: Annotated[bool, typer.Option(help="Print the world expander's whole completion (intent + caption), as "
+                                         "sampled.")] = False,
+    verify: Annotated[bool, typer.Option(help="Resample expansions the exact faithfulness check rejects (world "
+                                         "expander, world prompts); the prompt itself after 4 tries.")] = True,
 ):
-    """Expand a short prompt into rich captions; one per line (world expander: checked by the parser, marked)."""
+    """Expand a short prompt into rich captions, one per line."""
     from krea2 import limits
     from krea2.expander import load_expander
     from krea2.expander.grammar import check_level
@@ -295,8 +298,9 @@ def expand(
             typer.echo(prompt)
         return
     lm = load_expander(expander)
-    for completion in lm.completions(prompt, creativity, n, seed):
-        typer.echo(completion if intent else lm.caption_of(completion, prompt))
+    lines = lm.completions(prompt, creativity, n, seed) if intent else lm.expand(prompt, creativity, n, seed, verify)
+    for line in lines:
+        typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

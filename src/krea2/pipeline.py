@@ -160,11 +160,12 @@ class Pipeline:
         return active_loras(self.model)
 
     @staticmethod
-    def expand_prompts(prompts: list[str], expander, creativity: str = "medium", seed: int = 0) -> list[str]:
+    def expand_prompts(prompts: list[str], expander, creativity: str = "medium", seed: int = 0,
+                       verify: bool = True) -> list[str]:
         """One expansion per prompt by a `krea2.expander.Expander` (raw: unchanged), sampled in one batch from seed,
-        so that repeated prompts (several images of one prompt) get different expansions. Raises Krea2Error for an
-        unknown creativity."""
-        return expander.expand_many(list(prompts), creativity, seed)
+        so that repeated prompts (several images of one prompt) get different expansions; verify: resample what
+        fails the exact faithfulness check (see Expander.expand_many). Raises Krea2Error for an unknown creativity."""
+        return expander.expand_many(list(prompts), creativity, seed, verify=verify)
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, sampling: SamplingConfig | None = None, seed: int = 0,

@@ -98,6 +98,8 @@ def expander(
     expander: Annotated[str, typer.Option(help="world | hf:PATH | an expander folder.")] = "world",
     checkpoint: Annotated[str, typer.Option(help="The image model that draws both arms.")] = "world",
     n: Annotated[int, typer.Option(help="Expansions (and images) per prompt; at least 2.")] = 2,
+    verify: Annotated[bool, typer.Option(help="Measure the guarded expander (rejected expansions resampled) "
+                                         "instead of the model alone.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path, typer.Option(help="JSON report; the expanded images' grid goes next to it as .png.")] = Path(
         "expander_eval.json"),
@@ -117,7 +119,7 @@ def expander(
     records = load_prompts(prompts_path(prompts))
     lm = load_expander(expander) if creativity != "raw" else None
     pipe = load_pipeline(checkpoint, device="cpu")
-    report, _, images = evaluate_expander(pipe, lm, records, creativity, n, seed)
+    report, _, images = evaluate_expander(pipe, lm, records, creativity, n, seed, verify=verify)
     report.update(expander=expander, checkpoint=checkpoint, prompts=str(prompts_path(prompts)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

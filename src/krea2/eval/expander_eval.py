@@ -22,16 +22,17 @@ from krea2.errors import Krea2Error
 
 
 def evaluate_expander(pipe, expander, records: Sequence[dict], creativity: str = "medium", n: int = 2,
-                      seed: int = 0, size: int | None = None) -> tuple[dict, list, list]:
+                      seed: int = 0, size: int | None = None, verify: bool = False) -> tuple[dict, list, list]:
     """Returns (report, unexpanded PIL images, expanded PIL images); image i of either arm uses seed + i.
 
-    pipe: a krea2.pipeline.Pipeline; expander: a krea2.expander.Expander (unused at creativity raw). Raises
+    pipe: a krea2.pipeline.Pipeline; expander: a krea2.expander.Expander (unused at creativity raw); verify: measure
+    the guarded expander (Expander.expand_many(verify=True)) instead of the model alone. Raises
     Krea2Error for n < 2 (diversity needs two images of a prompt) or a bad creativity.
     """
     from krea2.eval import checker
     from krea2.eval.world_eval import check_size, seed_diversity
     from krea2.expander import grammar
-    from krea2.expander.rewards import text_faithful
+    from krea2.expander.rewards import constraint_ok, text_faithful
     from krea2.pipeline import to_pil
 
     grammar.check_level(creativity)
@@ -42,14 +43,15 @@ def evaluate_expander(pipe, expander, records: Sequence[dict], creativity: str =
     reqs = [{k: v for k, v in r.items() if k != "tag"} for r in records]
     t0 = time.perf_counter()
     rep = [r for r in records for _ in range(n)]
-    texts = expander.expand_many([r["prompt"] for r in rep], creativity, seed) if creativity != "raw" else \
-        [r["prompt"] for r in rep]
+    texts = expander.expand_many([r["prompt"] for r in rep], creativity, seed, verify=verify) \
+        if creativity != "raw" else [r["prompt"] for r in rep]
     t1 = time.perf_counter()
     raw_images = to_pil(pipe.generate([r["prompt"] for r in rep], seed=seed, width=size, height=size))
     exp_images = to_pil(pipe.generate(texts, seed=seed, width=size, height=size))
     t2 = time.perf_counter()
     user = [q for q in reqs for _ in range(n)]
     faithful = [text_faithful(t, q) for t, q in zip(texts, user)]
+    well_formed = [constraint_ok(grammar.parse(t)) for t in texts]
     raw_ok = [checker.check(im, r) for im, r in zip(raw_images, rep)]
     exp_ok = [checker.check(im, r) for im, r in zip(exp_images, rep)]
     drawn_as_said, kept = 0, 0  # image faithfulness: correct for the expansion -> correct for the prompt?
@@ -64,8 +66,9 @@ def evaluate_expander(pipe, expander, records: Sequence[dict], creativity: str =
     raw_div, exp_div = seed_diversity(raw_images, n), seed_diversity(exp_images, n)
     raw_score, exp_score = checker.score_results(rep, raw_ok), checker.score_results(rep, exp_ok)
     report = {
-        "creativity": creativity, "n_prompts": len(records), "expansions_per_prompt": n,
+        "creativity": creativity, "verify": verify, "n_prompts": len(records), "expansions_per_prompt": n,
         "text_faithfulness": sum(faithful) / len(faithful),
+        "well_formed": sum(well_formed) / len(well_formed),
         "image_faithfulness": kept / drawn_as_said if drawn_as_said else None,
         "images_drawn_as_expanded": drawn_as_said,
         "diversity": {"unexpanded": raw_div, "expanded": exp_div,
@@ -85,9 +88,11 @@ def format_summary(report: dict) -> list[str]:
     """Human lines; the last is `faithfulness X diversity Yx score A -> B` (X: the lower of text and image)."""
     img = report["image_faithfulness"]
     div = report["diversity"]
-    lines = [f"creativity       {report['creativity']}  ({report['n_prompts']} prompts x "
+    lines = [f"creativity       {report['creativity']}{' (verified)' if report.get('verify') else ''}  "
+             f"({report['n_prompts']} prompts x "
              f"{report['expansions_per_prompt']} expansions)",
-             f"text faithful    {report['text_faithfulness']:.3f}  (parser + checker rule)",
+             f"text faithful    {report['text_faithfulness']:.3f}  (parser + checker rule; well formed "
+             f"{report['well_formed']:.3f})",
              f"image faithful   {'-' if img is None else f'{img:.3f}'}  (of {report['images_drawn_as_expanded']} "
              "images drawn as their expansion says, the share that also meets the prompt)"]
     for tag, a in report["per_tag"]["unexpanded"].items():

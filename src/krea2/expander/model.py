@@ -122,15 +122,43 @@ class Expander:
             return data.split_completion(completion) or prompt
         return completion.strip().split("\n\n")[0].strip() or prompt
 
-    def expand(self, prompt: str, creativity: str = "medium", n: int = 1, seed: int = 0) -> list[str]:
-        """n expansions of prompt at a creativity level (raw: the prompt itself, n times). See `completions`."""
-        return self.expand_many([prompt] * n, creativity, seed)
+    def expand(self, prompt: str, creativity: str = "medium", n: int = 1, seed: int = 0,
+               verify: bool = False) -> list[str]:
+        """n expansions of prompt at a creativity level (raw: the prompt itself, n times). See `expand_many`."""
+        return self.expand_many([prompt] * n, creativity, seed, verify)
 
-    def expand_many(self, prompts: list[str], creativity: str = "medium", seed: int = 0) -> list[str]:
-        """One expansion per prompt (repeat a prompt for several); raw returns the prompts. See `complete_many`."""
+    def expand_many(self, prompts: list[str], creativity: str = "medium", seed: int = 0, verify: bool = False,
+                    tries: int = 4) -> list[str]:
+        """One expansion per prompt (repeat a prompt for several); raw returns the prompts. See `complete_many`.
+
+        verify (world kind, prompts the world grammar reads): an expansion that fails the gates or drops, changes or
+        contradicts a requirement of the prompt (`rewards.verified`) is sampled again, up to `tries` samples in all;
+        then the prompt itself is used. The model alone is what `verify=False` measures.
+        """
         if grammar.check_level(creativity) == "raw":
             return list(prompts)
-        return [self.caption_of(c, p) for c, p in zip(self.complete_many(prompts, creativity, seed), prompts)]
+        out = [self.caption_of(c, p) for c, p in zip(self.complete_many(prompts, creativity, seed), prompts)]
+        if not verify or self.kind != "world":
+            return out
+        from krea2.expander.rewards import verified
+
+        records = {}
+        for p in set(prompts):
+            try:
+                records[p] = grammar.prompt_record(p)
+            except Krea2Error:
+                records[p] = None  # outside the world's language: nothing to verify against
+        todo = [i for i, p in enumerate(prompts) if records[p] and not verified(out[i], records[p])]
+        for k in range(1, tries):
+            if not todo:
+                break
+            again = self.expand_many([prompts[i] for i in todo], creativity, seed + 7919 * k)
+            for i, text in zip(todo, again):
+                out[i] = text
+            todo = [i for i in todo if not verified(out[i], records[prompts[i]])]
+        for i in todo:
+            out[i] = prompts[i]
+        return out
 
 
 def save_expander(expander: Expander, path: str | Path, info: dict | None = None, overwrite: bool = False) -> Path:

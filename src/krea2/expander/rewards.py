@@ -67,6 +67,12 @@ def text_faithful(caption: str, record: dict) -> bool:
     return checker.matches(grammar.caption_detection(grammar.parse(caption)), record)
 
 
+def verified(caption: str, record: dict, max_words: int = 80) -> bool:
+    """A caption that passes the constraint gate, stays within max_words and is faithful to the record."""
+    return (len(caption.split()) <= max_words and constraint_ok(grammar.parse(caption))
+            and text_faithful(caption, record))
+
+
 def group_seed(prompt: str) -> int:
     """The noise seed shared by a group's images (one per prompt text)."""
     return zlib.crc32(prompt.encode()) % 2**31
@@ -108,11 +114,11 @@ class ExpansionRewards:
     def images(self, texts: Sequence[str], seeds: Sequence[int]):
         return self.pipe.generate(list(texts), seeds=list(seeds))
 
-    def image_scores(self, texts: Sequence[str], records: Sequence[dict], seed: int) -> np.ndarray:
-        """The image rubric of each text drawn with one shared seed (the prompt mix's scoring pass)."""
+    def image_scores(self, texts: Sequence[str], records: Sequence[dict], seeds: Sequence[int]) -> np.ndarray:
+        """The image rubric of text i drawn with seeds[i] against records[i] (the prompt mix's scoring pass)."""
         from krea2.rewards.world import world_rubric
 
-        return world_rubric(self.images(texts, [seed] * len(texts)), list(records)).numpy()
+        return world_rubric(self.images(texts, seeds), list(records)).numpy()
 
     def judge(self, prompts: Sequence[str], completions: Sequence[str], record: Sequence[str]) -> dict[str, np.ndarray]:
         """Every term for a batch: arrays gate, text, image, diversity (each (N,))."""

@@ -89,23 +89,22 @@ def train_sft(out: str | Path, settings: SFTSettings = SFTSettings(), resume: bo
 def prompt_pool(expander: Expander, judge: rewards.ExpansionRewards, n: int, group: int, seed: int) -> list[dict]:
     """The RL prompt mix, as the release: a third real-looking short prompts (random), a third known failure cases
     (lowest mean image rubric of the SFT expander's expansions), a third 'hard but not hopeless' prompts (highest
-    variance of that score across the group). Scores one group per candidate of a pool of n."""
+    variance of that score across the group). Scores one group of `group` medium expansions per candidate of a
+    pool of n, in one batch."""
     rng = np.random.default_rng(seed)
     candidates = [data.user_prompt(rng) for _ in range(n)]
-    mean, var = [], []
-    for i, rec in enumerate(candidates):
-        texts = [expander.caption_of(c, rec["prompt"])
-                 for c in expander.completions(rec["prompt"], "medium", group, seed=seed + i)]
-        scores = judge.image_scores(texts, [rec] * group, seed=seed + i)
-        mean.append(float(np.mean(scores)))
-        var.append(float(np.var(scores)))
-    order = rng.permutation(n)
+    prompts = [c["prompt"] for c in candidates for _ in range(group)]
+    texts = expander.expand_many(prompts, "medium", seed)
+    scores = judge.image_scores(texts, [c for c in candidates for _ in range(group)],
+                                [rewards.group_seed(p) for p in prompts]).reshape(n, group)
+    mean, var = scores.mean(axis=1), scores.var(axis=1)
     third = n // 3
-    failures = sorted(range(n), key=lambda i: mean[i])[:third]
-    hard = [i for i in sorted(range(n), key=lambda i: -var[i]) if i not in failures][:third]
-    real = [int(i) for i in order if i not in failures and i not in hard][:third]
+    failures = [int(i) for i in np.argsort(mean, kind="stable")[:third]]
+    hard = [int(i) for i in np.argsort(-var, kind="stable") if i not in failures][:third]
+    real = [int(i) for i in rng.permutation(n) if i not in failures and i not in hard][:third]
     picked = [(i, "real") for i in real] + [(i, "failure") for i in failures] + [(i, "hard") for i in hard]
-    return [{"record": candidates[i], "kind": kind, "score_mean": mean[i], "score_var": var[i]} for i, kind in picked]
+    return [{"record": candidates[i], "kind": kind, "score_mean": float(mean[i]), "score_var": float(var[i])}
+            for i, kind in picked]
 
 
 def train_grpo(init: str, out: str | Path, settings: GRPOSettings = GRPOSettings(), resume: bool = False,
