@@ -21,12 +21,15 @@ def sft(
     batch: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-3,
     seed: Annotated[int, typer.Option()] = 0,
+    init: Annotated[str | None, typer.Option(help="Continue SFT from this expander folder (else a fresh model).",
+                                             show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last trainer checkpoint.")] = False,
 ):
     """Stage 1: a fresh Qwen3 expander and its tokenizer, trained with trl.SFTTrainer on (short -> intent + caption)."""
     from krea2.expander.train import SFTSettings, train_sft
 
-    final = train_sft(out, SFTSettings(steps=steps, pairs=pairs, batch=batch, lr=lr, seed=seed), resume=resume)
+    final = train_sft(out, SFTSettings(steps=steps, pairs=pairs, batch=batch, lr=lr, seed=seed,
+                                                    init=init), resume=resume)
     typer.echo(f"wrote {final}")
 
 
@@ -40,6 +43,8 @@ def grpo(
     batch: Annotated[int, typer.Option(min=2, help="Completions per step (a multiple of --group).")] = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
     beta: Annotated[float, typer.Option(min=0.0, help="KL weight to the SFT model.")] = 0.04,
+    diversity_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the diversity term after "
+                                                    "normalisation (faithfulness terms weigh 1).")] = 1.0,
     checkpoint: Annotated[str, typer.Option(help="Image model for the image rewards.")] = "world-turbo",
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last trainer checkpoint.")] = False,
@@ -50,7 +55,8 @@ def grpo(
     if batch % group:
         raise Krea2Error(f"--batch {batch} is not a multiple of --group {group}; each step needs whole groups")
     final = train_grpo(init, out, GRPOSettings(steps=steps, prompts=prompts, group=group, batch=batch, lr=lr,
-                                               beta=beta, checkpoint=checkpoint, seed=seed), resume=resume)
+                                               beta=beta, diversity_weight=diversity_weight,
+                                               checkpoint=checkpoint, seed=seed), resume=resume)
     typer.echo(f"wrote {final}")
 
 

@@ -30,6 +30,7 @@ class SFTSettings:
     layers: int = 4
     vocab: int = 384
     seed: int = 0
+    init: str | None = None  # continue from an expander folder (its tokenizer and weights) instead of a fresh one
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GRPOSettings:
     lr: float = 2e-4
     beta: float = 0.04  # KL to the frozen SFT model
     temperature: float = 1.0
+    diversity_weight: float = 1.0  # weight of the normalised diversity term (faithfulness terms weigh 1)
     checkpoint: str = "world-turbo"  # the image model the rewards sample
     seed: int = 0
 
@@ -68,15 +70,21 @@ def _common(tdir: Path, steps: int, batch: int, lr: float, warmup: int, seed: in
 
 def train_sft(out: str | Path, settings: SFTSettings = SFTSettings(), resume: bool = False) -> Path:
     """Stage 1: a fresh Qwen3 expander and tokenizer trained from scratch on `settings.pairs` cascade pairs
-    (completion-only loss). Returns OUT/final."""
+    (completion-only loss), or more SFT of the expander in `settings.init`. Returns OUT/final."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     out = Path(out)
     tdir = _trainer_dir(out, resume)
     pairs = data.sft_pairs(settings.pairs, settings.seed)
-    tokenizer = build_tokenizer([p["prompt"] + p["completion"] for p in pairs], settings.vocab)
-    model = build_model(tokenizer, settings.hidden, settings.layers, seed=settings.seed)
+    if settings.init:
+        start = load_expander(settings.init)
+        if start.kind != "world":
+            raise Krea2Error(f"{settings.init} is not a world expander (no expander.json); SFT continues only those")
+        tokenizer, model = start.tokenizer, start.model.train()
+    else:
+        tokenizer = build_tokenizer([p["prompt"] + p["completion"] for p in pairs], settings.vocab)
+        model = build_model(tokenizer, settings.hidden, settings.layers, seed=settings.seed)
     cfg = SFTConfig(**_common(tdir, settings.steps, settings.batch, settings.lr, settings.warmup, settings.seed,
                               save_every=500), max_length=192, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
@@ -138,6 +146,7 @@ def train_grpo(init: str, out: str | Path, settings: GRPOSettings = GRPOSettings
     cfg = GRPOConfig(**_common(tdir, settings.steps, settings.batch, settings.lr, 10, settings.seed, save_every=50),
                      num_generations=settings.group, max_completion_length=112, temperature=settings.temperature,
                      top_k=0, beta=settings.beta, multi_objective_aggregation="normalize_then_sum",
+                     reward_weights=[1.0, 1.0, settings.diversity_weight],
                      scale_rewards="group", log_completions=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*padding_side.*")
