@@ -47,6 +47,14 @@ CASES = [
     (["lora", "convert", "{tmp}/nosuch.safetensors", "{tmp}/l.safetensors"], "LoRA file not found"),
     (["lora", "extract", "world", "world"], "--out is required"),
     (["lora", "merge", "world"], "no LoRA given"),
+    # the prompt expander: levels, counts, empty prompts, missing models
+    (["expand", ""], "prompt 1 is empty"),
+    (["expand", "a red circle", "--creativity", "max"], "unknown creativity 'max'"),
+    (["expand", "a red circle", "-n", "0"], "Invalid value for '-n'"),
+    (["expand", "a red circle", "--expander", "hf:{tmp}/nolm"], "expander 'hf:{tmp}/nolm' not found"),
+    (["eval", "expander", "--n", "1"], "--n must be at least 2"),
+    (["eval", "expander", "--creativity", "max"], "unknown creativity 'max'"),
+    (["generate", "x", "--expand", "medium", "--expander", "{tmp}/nolm", "--out", "{tmp}/o"], "not found"),
     # N: unsupported database URLs, credentials never printed
     (["curate", "init", "--db", "mysql://u:secret@localhost/db"], "unsupported database URL scheme mysql://"),
 ]

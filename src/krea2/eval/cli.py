@@ -108,6 +108,7 @@ def expander(
     diversity and score; last line `faithfulness X diversity Yx score A -> B`."""
     import json
 
+    from krea2.errors import Krea2Error
     from krea2.eval.checker import load_prompts
     from krea2.eval.expander_eval import evaluate_expander, format_summary
     from krea2.eval.world_eval import marked_grid, prompts_path
@@ -116,6 +117,8 @@ def expander(
     from krea2.pipeline import load_pipeline
 
     check_level(creativity)
+    if n < 2:
+        raise Krea2Error("--n must be at least 2: diversity compares the images of one prompt")
     records = load_prompts(prompts_path(prompts))
     lm = load_expander(expander) if creativity != "raw" else None
     pipe = load_pipeline(checkpoint, device="cpu")
