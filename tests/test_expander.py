@@ -291,3 +291,33 @@ def test_the_pipeline_draws_the_expansions():
     expected = pipe.generate(texts, seed=3)
     got = pipe.generate(prompts, seed=3, expander=_OracleExpander(), creativity="high")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_generate_with_expand_draws_each_image_from_its_own_expansion(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from krea2 import cli
+
+    path = _tiny_expander(tmp_path)
+    out = tmp_path / "imgs"
+    monkeypatch.setattr(sys, "argv", ["krea2", "generate", "two red circles", "--checkpoint", "world-turbo",
+                                      "--expand", "high", "--expander", str(path), "--num-images", "2",
+                                      "--out", str(out)])
+    cli.main()
+    # the untrained expander writes nothing faithful: the guarded expansion keeps the prompt for both images
+    assert (out / "prompts.txt").read_text().splitlines() == ["two red circles"] * 2
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000.png", "0001.png", "grid.png"]
+
+
+def test_the_world_expander_ships_and_expands_public_prompts_faithfully():
+    lm = load_expander("world")
+    from krea2.expander.model import ASSET
+
+    info = json.loads((ASSET / "expander.json").read_text())
+    assert lm.kind == "world" and info["stage"] == "grpo"
+    records = checker.load_prompts(prompts_path("world_eval_small"))[:9]
+    for level in ("low", "medium", "high"):
+        texts = lm.expand_many([r["prompt"] for r in records], level, seed=0, verify=True)
+        assert texts == lm.expand_many([r["prompt"] for r in records], level, seed=0, verify=True)
+        assert all(rewards.text_faithful(t, _user(r)) for t, r in zip(texts, records))
+        assert sum(t != r["prompt"] for t, r in zip(texts, records)) >= 6  # expanded, not the fallback
