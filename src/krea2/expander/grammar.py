@@ -11,6 +11,7 @@ the user fixed), `caption_detection` turns an expansion into the detection an im
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -77,7 +78,8 @@ class ParsedCaption:
         return self.styles[0] if len(set(self.styles)) == 1 else None
 
 
-def vocabulary() -> frozenset[str]:
+@functools.cache
+def known_words() -> frozenset[str]:
     """Every word the world's captions, prompts and the expander's format use (lower case)."""
     rng = np.random.default_rng(0)
     words = set(NUMBERS) | set(world.SHAPES) | {s + "s" for s in world.SHAPES} | set(world.COLORS) | set(world.SIZES)
@@ -96,14 +98,6 @@ def vocabulary() -> frozenset[str]:
 
 FORMAT_WORDS = ("keep", "open", "caption", "color", "size", "position", "background", "style", "nothing",
                 "objects", "object", "of", "right", "left", "above", "below")
-_VOCABULARY: frozenset[str] | None = None
-
-
-def known_words() -> frozenset[str]:
-    global _VOCABULARY
-    if _VOCABULARY is None:
-        _VOCABULARY = vocabulary()
-    return _VOCABULARY
 
 
 def parse(text: str) -> ParsedCaption:

@@ -53,7 +53,7 @@ def build_tokenizer(texts, vocab_size: int = 384):
 
 
 def build_model(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 0):
-    """A fresh Qwen3ForCausalLM sized for a CPU (hidden 192, 4 layers: ~1.9M parameters at a 384-token vocabulary)."""
+    """A fresh Qwen3ForCausalLM sized for a CPU (hidden 192, 4 layers: 1.7M parameters at a 384-token vocabulary)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
