@@ -62,6 +62,10 @@ def test_text_faithfulness_catches_each_kind_of_unfaithful_expansion():
                 "a green square on the right, a red circle in the center and a blue triangle at the top",  # added
                 "a green square on the left and a red circle in the center"):  # relation broken
         assert not rewards.text_faithful(bad, rec), bad
+    # content the parser cannot place is never dropped silently: the constraint gate refuses it
+    for stray in ("a green square to the right of a red circle and squares", "a green square on the right and a red "
+                  "circle at the top left", "a green square to the right of a red circle and 2 triangles"):
+        assert grammar.parse(stray).unknown and not rewards.verified(stray, rec), stray
     assert rewards.text_requirements(good, rec) == {"object count": True, "object 0": True, "object 1": True,
                                                      "relation 0": True}
 
@@ -69,6 +73,8 @@ def test_text_faithfulness_catches_each_kind_of_unfaithful_expansion():
 def test_prompt_record_refuses_what_names_nothing_and_complete_scene_what_cannot_exist():
     with pytest.raises(Krea2Error, match="names no object"):
         grammar.prompt_record("a dog on a beach")
+    with pytest.raises(Krea2Error, match="cannot place: dog"):  # outside the grammar: nothing to check against
+        grammar.prompt_record("a red circle and a dog")
     with pytest.raises(Krea2Error, match="two backgrounds"):
         grammar.prompt_record("a circle on a white background on a black background")
     with pytest.raises(Krea2Error, match="1 to 4 objects"):

@@ -96,6 +96,9 @@ def known_words() -> frozenset[str]:
     return frozenset(words)
 
 
+# Words that state content: left over outside every phrase read, they mean something was said that was not parsed.
+CONTENT_WORDS = frozenset([*world.SHAPES, *(s + "s" for s in world.SHAPES), *world.COLORS, *world.SIZES,
+                           "top", "bottom", "left", "right", "center", "middle", "corner", "above", "below"])
 FORMAT_WORDS = ("keep", "open", "caption", "color", "size", "position", "background", "style", "nothing",
                 "objects", "object", "of", "right", "left", "above", "below")
 
@@ -104,7 +107,10 @@ def parse(text: str) -> ParsedCaption:
     """Read a caption or prompt of the world's language (any case, any of the cascade's templates).
 
     A relation is read where the text between two consecutive noun phrases is exactly a relation phrase ("a red
-    circle to the left of a blue square"). Never raises: what it cannot read lands in `unknown`.
+    circle to the left of a blue square"). What it cannot read lands in `unknown`: words outside the world's
+    language, and content words (shapes, colours, sizes, position and relation words, digits) left over outside every
+    phrase it read ("a red circle and squares", "at the top left"), so that nothing stated is silently dropped.
+    Raises Krea2Error only for input that is not text.
     """
     if not isinstance(text, str):
         raise Krea2Error(f"a caption must be text, got {type(text).__name__}")
@@ -116,26 +122,37 @@ def parse(text: str) -> ParsedCaption:
                                   color=m["color"].lower() if m["color"] else None,
                                   size=m["size"].lower() if m["size"] else None,
                                   position=_POSITION_PHRASES[m["position"].lower()] if m["position"] else None))
+    read = [(m.start(), m.end()) for m in matches]
     for i in range(len(matches) - 1):
         between = " ".join(text[matches[i].end():matches[i + 1].start()].lower().split())
         if between in _RELATION_PHRASES:
             out.relations.append((i, i + 1, _RELATION_PHRASES[between]))
+            read.append((matches[i].end(), matches[i + 1].start()))
+    for pattern in (BACKGROUND, STYLE, DECLARED_COUNT):
+        read += [(m.start(), m.end()) for m in pattern.finditer(text)]
     out.backgrounds = [(a or b).lower() for a, b in BACKGROUND.findall(text)]
     out.styles = [STYLE_WORDS[w.lower()] for w in STYLE.findall(text)]
     declared = DECLARED_COUNT.search(text)
     out.declared_count = NUMBERS[declared[1].lower()] if declared else None
     vocab = known_words()
     out.unknown = [w for w in WORD.findall(text.lower()) if w not in vocab]
+    rest = list(text.lower())
+    for a, b in read:
+        rest[a:b] = " " * (b - a)
+    out.unknown += [w for w in re.findall(r"[a-z]+|\d+", "".join(rest)) if w in CONTENT_WORDS or w.isdigit()]
     return out
 
 
 def prompt_record(prompt: str) -> dict:
     """The requirements a short prompt fixes, as a world prompt record (docs/WORLD.md): objects with the attributes
-    named (and counts), relations, background, style. Raises Krea2Error when the prompt names no object of the world
-    or contradicts itself (two backgrounds, two styles)."""
+    named (and counts), relations, background, style. Raises Krea2Error when the prompt names no object of the world,
+    has words the grammar cannot place (then nothing can be checked against it) or contradicts itself (two
+    backgrounds, two styles)."""
     p = parse(prompt)
     if not p.phrases:
         raise Krea2Error(f"prompt {prompt!r} names no object of the world (a circle, square or triangle)")
+    if p.unknown:
+        raise Krea2Error(f"prompt {prompt!r} has words the world grammar cannot place: {', '.join(p.unknown)}")
     if len(set(p.backgrounds)) > 1 or len(set(p.styles)) > 1:
         raise Krea2Error(f"prompt {prompt!r} names two backgrounds or two styles; name one")
     objects = []
@@ -236,7 +253,7 @@ def expansion_text(scene: world.Scene, record: dict, level: str, rng: np.random.
     specs = [o for o in record["objects"] for _ in range(o.get("count", 1))]
     if len(specs) != len(scene.objects):
         raise Krea2Error(f"scene has {len(scene.objects)} objects but the record asks for {len(specs)}")
-    if level == "low" and all(len(o) == 1 + ("count" in o) for o in record["objects"]):
+    if level == "low" and not record.get("relations") and all(len(o) == 1 + ("count" in o) for o in record["objects"]):
         objs = world._join([world.noun_phrase(o["shape"], o.get("count", 1)) for o in record["objects"]])
     else:
         phrases = [_object_phrase(o, s, decides) for o, s in zip(scene.objects, specs)]

@@ -12,8 +12,9 @@ Dense terms (normalised per reward within each group, then summed: GDPO, TRL's `
   identical completions score exactly 0. Always on (annealing it collapsed the release's expander to one style).
 Gates act on the total, not as dense terms: a completion that fails the format gate (the 'keep | open | caption'
 structure, a caption that parses, at most `max_words` words) or the constraint gate (no word outside the world's
-language, i.e. no new subject; at most 4 objects; one background and one style; distinct cells; a declared count
-that agrees) gets the floor 0 in every term, so after normalisation it is last in its group on each.
+language, i.e. no new subject, and no content word the parser could not place; at most 4 objects; one background
+and one style; distinct cells; a declared count that agrees) gets the floor 0 in every term, so after
+normalisation it ranks above no completion of its group on any term.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class ExpansionRewards:
         """The image rubric of text i drawn with seeds[i] against records[i] (the prompt mix's scoring pass)."""
         from krea2.rewards.world import world_rubric
 
-        return world_rubric(self.images(texts, seeds), list(records)).numpy()
+        return world_rubric(self.images(texts, seeds), list(records)).cpu().numpy()
 
     def judge(self, prompts: Sequence[str], completions: Sequence[str], record: Sequence[str]) -> dict[str, np.ndarray]:
         """Every term for a batch: arrays gate, text, image, diversity (each (N,))."""
@@ -139,7 +140,7 @@ class ExpansionRewards:
             text[i] = sum(met.values()) / len(met)
         if len(idx):
             imgs = self.images([captions[i] for i in idx], [group_seed(prompts[i]) for i in idx])
-            image[idx] = world_rubric(imgs, [recs[i] for i in idx]).numpy()
+            image[idx] = world_rubric(imgs, [recs[i] for i in idx]).cpu().numpy()
             feats = world_features(to_canvases(imgs))
             diversity[idx] = group_diversity(feats, [prompts[i] for i in idx], [True] * len(idx))
         self._key, self._values = key, {"gate": gate.astype(float), "text": text, "image": image,

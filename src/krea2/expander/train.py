@@ -100,7 +100,15 @@ def prompt_pool(expander: Expander, judge: rewards.ExpansionRewards, n: int, gro
     variance of that score across the group). Scores one group of `group` medium expansions per candidate of a
     pool of n, in one batch."""
     rng = np.random.default_rng(seed)
-    candidates = [data.user_prompt(rng) for _ in range(n)]
+    candidates, seen = [], set()
+    for _ in range(50 * n):  # distinct texts: a group's reward terms are keyed on its prompt
+        rec = data.user_prompt(rng)
+        if rec["prompt"] not in seen:
+            seen.add(rec["prompt"])
+            candidates.append(rec)
+        if len(candidates) == n:
+            break
+    n = len(candidates)
     prompts = [c["prompt"] for c in candidates for _ in range(group)]
     texts = expander.expand_many(prompts, "medium", seed)
     scores = judge.image_scores(texts, [c for c in candidates for _ in range(group)],
@@ -144,7 +152,7 @@ def train_grpo(init: str, out: str | Path, settings: GRPOSettings = GRPOSettings
                 rows.append({"prompt": data.model_input(p["record"]["prompt"], level),
                              "record": json.dumps(p["record"]), "level": level})
     cfg = GRPOConfig(**_common(tdir, settings.steps, settings.batch, settings.lr, 10, settings.seed, save_every=50),
-                     num_generations=settings.group, max_completion_length=112, temperature=settings.temperature,
+                     num_generations=settings.group, max_completion_length=128, temperature=settings.temperature,
                      top_k=0, beta=settings.beta, multi_objective_aggregation="normalize_then_sum",
                      reward_weights=[1.0, 1.0, settings.diversity_weight],
                      scale_rewards="group", log_completions=False)
