@@ -173,11 +173,18 @@ def test_non_finite_weights_are_refused_on_load(ckpt, tmp_path, cli_error):
         sd = load_file(ckpt / "model.safetensors")
         sd["blocks.1.attn.wq.weight"][0, 0] = value
         save_file(sd, bad / "model.safetensors")
-        with pytest.raises(Krea2Error, match=r"non-finite weights .* blocks.1.attn.wq.weight"):
-            load_pipeline(str(bad))
+        for quantize in (None, "fp8"):  # quantising while loading checks each weight as it streams it
+            with pytest.raises(Krea2Error, match=r"non-finite weights .* blocks.1.attn.wq.weight"):
+                load_pipeline(str(bad), quantize=quantize)
         code, err = cli_error("generate", "a red circle", "--checkpoint", bad, "--out", tmp_path / "o")
         assert code == 2 and "non-finite weights" in err and "Traceback" not in err
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    sd = load_file(ckpt / "model.safetensors")  # and a tensor the quantiser keeps in high precision
+    kept = next(k for k in sd if not k.startswith(("blocks.", "txtfusion.")) and sd[k].is_floating_point())
+    sd[kept].view(-1)[0] = float("nan")
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(Krea2Error, match=f"non-finite weights .* {kept}"):
+        load_pipeline(str(bad), quantize="int8")
 
 
 def test_non_finite_samples_are_an_error_not_a_black_image(ckpt):

@@ -89,10 +89,10 @@ def test_lora_stage_trains_adapters_only_and_resumes_exactly(tmp_path):
     assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
 
 
-def test_lora_with_tensor_parallel_is_refused(tmp_path):
-    recipe = load_recipe(write_recipe(tmp_path, steps=1, extra=LORA_STAGE), ["parallel.tp=2",
-                                                                             "parallel.dp_shard=1"])
-    with pytest.raises(Krea2Error, match="LoRA with tensor parallel"):
+def test_lora_dropout_with_tensor_parallel_is_refused(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, steps=1, extra=LORA_STAGE + "dropout = 0.1\n"),
+                         ["parallel.tp=2", "parallel.dp_shard=1"])
+    with pytest.raises(Krea2Error, match="LoRA dropout with tensor parallel"):
         from krea2.models.autoencoders import load_autoencoder
         from krea2.models.text_encoders import load_text_encoder
         from krea2.train.parallel import DistInfo

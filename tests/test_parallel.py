@@ -162,6 +162,55 @@ def test_tensor_parallel_matches_tp1_forward_and_grads(tmp_path):
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def lora_tiny() -> DiT:
+    """DiT('tiny') with rank-4 LoRA on every Linear and non-zero B (B = 0 would hide a wrong A gradient)."""
+    from krea2.train.lora import LoRAConfig, inject_lora
+
+    torch.manual_seed(0)
+    model = inject_lora(DiT("tiny"), LoRAConfig(rank=4, alpha=8.0, targets="all"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _tp_lora_worker(rank, world, out_dir):
+    model = lora_tiny()
+    cfg = ParallelConfig(dp_shard=1, tp=2, param_dtype="float32")
+    parallelize_dit(model, build_mesh(cfg), cfg)
+    wq, wo = model.blocks[0].attn.wq, model.blocks[0].attn.wo
+    # the wrapped layers are split like the plain ones: W and B by output rows (wq), W and A by input columns (wo)
+    assert wq.base_layer.weight.to_local().shape[0] == wq.base_layer.out_features // 2
+    assert wq.lora_B["default"].weight.to_local().shape == (wq.base_layer.out_features // 2, 4)
+    assert wo.lora_A["default"].weight.to_local().shape == (4, wo.base_layer.in_features // 2)
+    b = GLOBAL_BATCHES[0]
+    out = model(b["img"], b["context"], b["t"], b["pos"], b["mask"])
+    (out.float() - b["target"]).square().mean().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    norm = clip_grad_norm_(trainable, 0.01)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save({"out": out.detach(), "grads": grads, "norm": norm}, os.path.join(out_dir, "tp_lora.pt"))
+
+
+def test_tensor_parallel_applies_to_lora_wrapped_layers(tmp_path):
+    launch(_tp_lora_worker, 2, str(tmp_path))
+    got = torch.load(tmp_path / "tp_lora.pt")
+    model = lora_tiny()
+    b = GLOBAL_BATCHES[0]
+    out = model(b["img"], b["context"], b["t"], b["pos"], b["mask"])
+    (out - b["target"]).square().mean().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    norm = torch.nn.utils.clip_grad_norm_(trainable.values(), 0.01)
+    assert norm > 0.01 and set(got["grads"]) == set(trainable) and all(".lora_" in n for n in trainable)
+    torch.testing.assert_close(got["norm"], norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["out"], out.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in trainable.items():
+        # A of a column-parallel layer sees only its rank's output shard: without the sum over TP it would be half
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_activation_checkpointing_keeps_grads_and_names():
     b = GLOBAL_BATCHES[0]
     grads = {}

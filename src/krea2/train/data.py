@@ -45,6 +45,7 @@ class DataConfig:
     size: int | list[int] = 32  # square side(s) for world/emoji/prompts: a list makes one size bucket each
     pool: int = 4096  # world/emoji/prompts: scenes in the pool; pairs: at most this many pairs
     n_objects: tuple[int, int] = (1, 4)
+    n_objects_weights: list[float] | None = None  # relative weight of each count in n_objects (None = uniform)
     styles: list[str] | None = None
     backgrounds: list[str] | None = None
     sizes: list[str] | None = None  # object sizes, e.g. ["large"] for an early curriculum
@@ -67,6 +68,12 @@ class DataConfig:
 
     def __post_init__(self):
         self.n_objects = tuple(self.n_objects)
+        if self.n_objects_weights is not None:
+            lo, hi = self.n_objects
+            w = self.n_objects_weights
+            if len(w) != hi - lo + 1 or any(v < 0 for v in w) or not sum(w) > 0:
+                raise ValueError(f"n_objects_weights {w} must give one non-negative weight per count {lo}..{hi} "
+                                 "with a positive sum")
         if self.source not in SOURCES:
             raise ValueError(f"data source {self.source!r} unknown; choose one of {list(SOURCES)}")
         if self.source in {"rows", "pairs"} and not self.path:
@@ -240,8 +247,8 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
         from krea2.data.world import world_examples
 
         return [renamed(ex, cfg.rename) for k, side in enumerate(sizes) for ex in world_examples(
-            cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, styles=cfg.styles,
-            backgrounds=cfg.backgrounds, sizes=cfg.sizes, shapes=cfg.shapes, colors=cfg.colors)]
+            cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, n_weights=cfg.n_objects_weights,
+            styles=cfg.styles, backgrounds=cfg.backgrounds, sizes=cfg.sizes, shapes=cfg.shapes, colors=cfg.colors)]
     if cfg.source == "emoji":
         from krea2.data.emoji import emoji_examples
 

@@ -188,7 +188,8 @@ def _head_shared_style():
         def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
             def replicate_params(name, mod, mesh):
                 for pname, p in list(mod.named_parameters(recurse=False)):
-                    mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Replicate()])))
+                    mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
+                                                             requires_grad=p.requires_grad))
 
             def inputs_as_head_shards(mod, inputs, mesh):
                 return tuple(DTensor.from_local(x, mesh, [Shard(1)], run_check=False) for x in inputs)
@@ -199,6 +200,56 @@ def _head_shared_style():
             return distribute_module(module, device_mesh, replicate_params, inputs_as_head_shards, outputs_to_local)
 
     return HeadShardedNorm()
+
+
+def _replicated_lora_a_style():
+    """A TP style for the LoRA A of a column-parallel Linear: A (rank x in) is replicated, its output stays a
+    replicated DTensor so the column-parallel B that follows takes it as is. In backward each TP rank holds the
+    gradient of its own output shard only; as a DTensor it is summed over TP (like QK-norm's scale above)."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel.style import ParallelStyle
+
+    class ReplicatedLoRAA(ParallelStyle):
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            def replicate_params(name, mod, mesh):
+                for pname, p in list(mod.named_parameters(recurse=False)):
+                    mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
+                                                             requires_grad=p.requires_grad))
+
+            def inputs_replicated(mod, inputs, mesh):
+                return tuple(x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()],
+                                                                                 run_check=False) for x in inputs)
+
+            return distribute_module(module, device_mesh, replicate_params, inputs_replicated)
+
+    return ReplicatedLoRAA()
+
+
+def lora_tensor_parallel_plan(block: nn.Module, plan: dict) -> dict:
+    """The TP plan of a block whose Linears may be wrapped in peft LoRA layers (`base_layer`, `lora_A[k]`,
+    `lora_B[k]`; the official names stay as prefixes, so the plan keys stay the official ones).
+
+    Column-parallel W (out split): base W column-wise, A replicated, B column-wise, so B A x lands on the same output
+    shard as W x. Row-parallel W (in split): base W row-wise, A row-wise (its partial rank-r outputs all-reduced),
+    B a plain replicated Linear fed the same replicated input on every TP rank (identical gradients, no collective).
+    Unwrapped Linears keep their style. LoRA dropout would draw different masks on TP peers; the trainer refuses it.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    out = {}
+    for name, style in plan.items():
+        module = block.get_submodule(name)
+        if not hasattr(module, "base_layer") or not isinstance(style, (ColwiseParallel, RowwiseParallel)):
+            out[name] = style
+            continue
+        out[f"{name}.base_layer"] = style
+        for key in module.lora_A:
+            if isinstance(style, ColwiseParallel):
+                out[f"{name}.lora_A.{key}"] = _replicated_lora_a_style()
+                out[f"{name}.lora_B.{key}"] = ColwiseParallel()
+            else:
+                out[f"{name}.lora_A.{key}"] = RowwiseParallel()
+    return out
 
 
 def _check_tp_divides(model: nn.Module, tp: int) -> None:
@@ -212,7 +263,8 @@ def _check_tp_divides(model: nn.Module, tp: int) -> None:
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Megatron-style TP on every block and text-fusion block: q/k/v/gate and SwiGLU gate/up split column-wise
     (whole query and KV heads per rank, so GQA groups stay local), wo and down row-wise (one all-reduce each).
-    Embeddings, `tproj` and `last` stay replicated over TP (FSDP still shards them)."""
+    Embeddings, `tproj` and `last` stay replicated over TP (FSDP still shards them). Linears wrapped in LoRA layers
+    (a `[stages.lora]` stage) follow `lora_tensor_parallel_plan`."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     _check_tp_divides(model, tp_mesh.size())
@@ -223,7 +275,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     }
     fusion = [*model.txtfusion.layerwise_blocks, *model.txtfusion.refiner_blocks]
     for block in [*model.blocks, *fusion]:
-        parallelize_module(block, tp_mesh, dict(plan))
+        parallelize_module(block, tp_mesh, lora_tensor_parallel_plan(block, plan))
 
 
 # ---------------------------------------------------------------- activation checkpointing and compile

@@ -255,9 +255,9 @@ def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | No
     parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
     transforms = []
     if stage.lora is not None:
-        if pcfg.tp > 1:
-            raise Krea2Error(f"stage {stage.name}: LoRA with tensor parallel (tp={pcfg.tp}) is not supported; use "
-                             "data parallel (dp_shard) for adapter training")
+        if pcfg.tp > 1 and stage.lora.dropout > 0:
+            raise Krea2Error(f"stage {stage.name}: LoRA dropout with tensor parallel (tp={pcfg.tp}) would draw "
+                             "different masks on TP peers; set [stages.lora] dropout = 0 or tp = 1")
         transforms.append(lora_transform(stage.lora))
     mset = build_model_set(init, objective, ctx.dist.device, ctx.mesh,
                            pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema, transforms)
