@@ -105,14 +105,14 @@ def test_bad_mixes_are_one_line_errors(kw, needle):
         mix_references(**args)
 
 
-def style_recipe(steps, init=None):
+def style_recipe(steps, init=None, lora=None):
     from krea2.train.config import parse_recipe
 
     model = {"init": str(init)} if init else {"preset": "tiny-world"}
-    return parse_recipe({"name": "s", "model": model, "stages": [
-        {"name": "style", "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "save_every": 2,
-         "data": {"source": "triplets", "size": 16, "pool": 16, "captions": {"short": 1.0}},
-         "objective": {"name": "style", "tokens": 2, "width": 32, "side": 16}}]})
+    stage = {"name": "style", "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1,
+             "save_every": 2, "data": {"source": "triplets", "size": 16, "pool": 16, "captions": {"short": 1.0}},
+             "objective": {"name": "style", "tokens": 2, "width": 32, "side": 16}}
+    return parse_recipe({"name": "s", "model": model, "stages": [stage | ({"lora": lora} if lora else {})]})
 
 
 @pytest.mark.slow
@@ -141,6 +141,41 @@ def test_style_stage_trains_the_encoder_only_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values()))
     with pytest.raises(Krea2Error, match="holds no style encoder"):
         load_style_encoder(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_reference_lora_trains_with_the_encoder_and_runs_in_the_reference_passes_only(tmp_path):
+    import copy
+
+    from krea2.models.lora import active_loras, merge_lora
+    from krea2.style import load_style_encoder
+    from krea2.train.trainer import train_recipe
+
+    base = save_random_checkpoint(tmp_path / "base", resolution=16)
+    train_recipe(style_recipe(2, init=base, lora={"rank": 4, "alpha": 4.0, "targets": "attention"}),
+                 tmp_path / "run", progress=False)
+    enc = load_style_encoder(tmp_path / "run" / "style")
+    assert enc.lora is not None and all(m.B.abs().max() > 0 for m in enc.lora.modules.values())  # B left zero
+    pipe = load_pipeline(str(base))
+    with torch.no_grad():
+        ref = enc(torch.rand(1, 3, 16, 16) * 2 - 1)
+    merged = merge_lora(copy.deepcopy(pipe.model), enc.lora)
+    cfg, g = pipe.model.cfg, torch.Generator().manual_seed(0)
+    n = 16 // (pipe.autoencoder.compression * cfg.patch)  # tokens per side of a 16 px image
+    x, t = torch.randn(2, n * n, cfg.channels * cfg.patch ** 2, generator=g), torch.tensor([0.7, 0.3])
+    ctx, mask = pipe.encode(["a red circle", "a blue square"])
+    cond = Conditioning.build(ctx, mask, n, n)
+    with torch.no_grad():
+        v_base = pipe.model(x, cond.context, t, cond.pos, cond.mask)
+        plain = StyleMix(ref, None, 0.0, 1.0)  # the same tokens through the merged model, no LoRA in the mix
+        v_ref = styled_velocity(merged, x, t, cond, None, 0.0, plain, n, n)
+        for s in (0.0, 0.5, 1.0):
+            v = styled_velocity(pipe.model, x, t, cond, None, 0.0, mix_references([ref], [1.0], s, enc.lora), n, n)
+            torch.testing.assert_close(v, v_base + s * (v_ref - v_base), rtol=1e-4, atol=1e-5)
+            assert active_loras(pipe.model) == {}  # the adapter is gone after the reference pass
+        assert not torch.allclose(v_ref, styled_velocity(pipe.model, x, t, cond, None, 0.0, plain, n, n))
+    zero = mix_references([ref], [1.0], 0.0, enc.lora)
+    assert torch.equal(pipe.generate(["a red circle"], seed=2, style=zero), pipe.generate(["a red circle"], seed=2))
 
 
 def test_leakage_is_a_reference_object_the_prompt_did_not_ask_for():

@@ -10,7 +10,10 @@ strength 0-1, a weight per reference, negative references):
 - strength s: v = v_base + s (v_ref - v_base), so s = 0 is exactly the base model (no reference pass is run) and
   s = 1 the reference-conditioned velocity;
 - negative references (weight < 0): their own averaged tokens give v_neg, and v gains s·|w_neg|·(v_ref - v_neg), an
-  image-CFG branch that pushes away from the negative style.
+  image-CFG branch that pushes away from the negative style;
+- a reference LoRA (trained with the encoder, `[stages.lora]` in the style stage) is active in the reference passes
+  only: a frozen base never attends to a segment it was not trained with, so the adapter teaches the base's attention
+  to read it, while v_base (and strength 0) stays the release model exactly.
 Each v_* is the text-guided velocity of `krea2.sampling.guided_velocity` with the same reference in both branches,
 so text guidance and style strength stay separate knobs.
 """
@@ -18,6 +21,7 @@ so text guidance and style strength stay separate knobs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +55,7 @@ class StyleEncoder(nn.Module):
         self.queries = nn.Parameter(torch.randn(tokens, width) * 0.02)
         self.pool = nn.MultiheadAttention(width, heads, batch_first=True)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, features))
+        self.lora = None  # the reference LoRA (krea2.models.lora.LoRA) trained with this encoder, if any
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -67,20 +72,23 @@ class StyleEncoder(nn.Module):
 @dataclass
 class StyleMix:
     """What sampling needs from a set of references: the positive and negative averaged tokens (1, Nr, features)
-    (None where there are none), the negative references' total weight, and the strength."""
+    (None where there are none), the negative references' total weight, the strength, and the reference LoRA that the
+    reference passes run with (None: the base model reads the segment as it is)."""
 
     positive: Tensor | None
     negative: Tensor | None
     negative_weight: float
     strength: float
+    lora: object | None = None
 
 
-def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength: float) -> StyleMix:
+def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength: float, lora=None) -> StyleMix:
     """Style tokens of each reference ((1, Nr, features) or (Nr, features)) with their weights -> a StyleMix.
 
     Positive weights are normalised to sum 1 (relative), negative ones likewise among themselves, their total
-    magnitude kept as the push-away scale. Raises Krea2Error for mismatched lengths, non-finite or all-zero weights,
-    a strength outside [0, 1], or more than 10 references (the API's limit)."""
+    magnitude kept as the push-away scale. lora: the encoder's reference LoRA (`StyleEncoder.lora`). Raises
+    Krea2Error for mismatched lengths, non-finite or all-zero weights, a strength outside [0, 1], or more than 10
+    references (the API's limit)."""
     import math
 
     if len(tokens) != len(weights):
@@ -101,7 +109,7 @@ def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength:
 
     positive, _ = average(1)
     negative, negative_weight = average(-1)
-    return StyleMix(positive, negative, negative_weight, float(strength))
+    return StyleMix(positive, negative, negative_weight, float(strength), lora)
 
 
 def with_reference(cond: Conditioning, tokens: Tensor, gh: int, gw: int) -> Conditioning:
@@ -123,13 +131,35 @@ def styled_velocity(model: Callable, x: Tensor, t: Tensor, cond: Conditioning, u
         tokens = tokens.to(device=x.device, dtype=x.dtype)
         c = with_reference(cond, tokens, gh, gw)
         u = None if uncond is None else with_reference(uncond, tokens, gh, gw)
-        return guided_velocity(model, x, t, c, u, guidance)
+        with reference_lora(model, mix.lora):
+            return guided_velocity(model, x, t, c, u, guidance)
 
     v_ref = with_tokens(mix.positive) if mix.positive is not None else v_base
     v = v_base + mix.strength * (v_ref - v_base)
     if mix.negative is not None:
         v = v + mix.strength * mix.negative_weight * (v_ref - with_tokens(mix.negative))
     return v
+
+
+REFERENCE_LORA = "style-reference"  # the name the reference LoRA is applied under, for the reference passes only
+
+
+@contextmanager
+def reference_lora(model, lora):
+    """The model with the reference LoRA added for the duration (forward hooks, weights untouched; nothing when lora
+    is None). Krea2Error if the model is not a plain module the hooks can go on."""
+    if lora is None:
+        yield
+        return
+    from krea2.models.lora import apply_lora, unload_lora
+
+    if not isinstance(model, nn.Module):
+        raise Krea2Error("a style encoder with a reference LoRA needs the DiT module itself as the sampler's model")
+    apply_lora(model, lora, 1.0, REFERENCE_LORA)
+    try:
+        yield
+    finally:
+        unload_lora(model, REFERENCE_LORA)
 
 
 def load_style_encoder(folder, device="cpu") -> StyleEncoder:
@@ -155,6 +185,10 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
     if missing:
         raise Krea2Error(f"{weights} does not fit {cfg_file}: tensor(s) {missing[:3]} missing or unexpected")
     encoder.load_state_dict(sd)
+    if (folder / "lora.safetensors").is_file():  # the stage trained a reference LoRA with the encoder
+        from krea2.models.lora import read_lora
+
+        encoder.lora = read_lora(folder / "lora.safetensors")
     return encoder.to(device).eval().requires_grad_(False)
 
 

@@ -5,9 +5,11 @@ disclosed): each example is a target, a reference that shares the target's style
 content, and the target's caption without style words (the world's short captions name objects only), so the
 style can only come from the reference. The reference's tokens (`krea2.style.StyleEncoder`) join the joint
 sequence as the reference segment; the loss is flow matching on the target (`flow.Denoising`'s timesteps). The
-base model is frozen (`trains_policy = False`): only the encoder trains, and the release path without a reference is
-the base model exactly. The stage writes `style_encoder.safetensors` and `style.json` beside its output
-(`krea2.style.load_style_encoder` reads them).
+base model is frozen (`trains_policy = False`): the encoder trains, and with `[stages.lora]` a LoRA on the base too
+(a frozen base has never attended to a reference segment and ignores it; measured in BENCHMARKS.md). At sampling the
+LoRA runs in the reference passes only (`krea2.style.reference_lora`), so the release path without a reference is
+the base model exactly. The stage writes `style_encoder.safetensors` and `style.json` beside its output, and the
+trainer writes the adapters as `lora.safetensors` in the same folder (`krea2.style.load_style_encoder` reads all).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 from krea2.sampling import joint_inputs
 from krea2.style import StyleEncoder
 from krea2.train.data import TripletBatch
-from krea2.train.objectives.base import Models, OptimizerSpec
+from krea2.train.objectives.base import Models
 from krea2.train.objectives.flow import Denoising, TimestepConfig, flow_matching_loss
 
 ENCODER_FILE, CONFIG_FILE = "style_encoder.safetensors", "style.json"
@@ -53,9 +55,6 @@ class StyleAdapter(Denoising):
     def __init__(self, cfg: StyleConfig, env):
         super().__init__(cfg, env)
         self.encoder = StyleEncoder(env.model.features, cfg.tokens, cfg.patch, cfg.width, cfg.heads, cfg.side)
-
-    def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
-        return {"policy": OptimizerSpec([self])}  # the encoder; the DiT is frozen
 
     def loss(self, models: Models, batch: TripletBatch, step: int, generator: torch.Generator
              ) -> tuple[Tensor, dict]:
