@@ -105,14 +105,15 @@ def test_bad_mixes_are_one_line_errors(kw, needle):
         mix_references(**args)
 
 
-def style_recipe(steps, init=None, lora=None):
+def style_recipe(steps, init=None, lora=None, **stage_keys):
     from krea2.train.config import parse_recipe
 
     model = {"init": str(init)} if init else {"preset": "tiny-world"}
     stage = {"name": "style", "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1,
              "save_every": 2, "data": {"source": "triplets", "size": 16, "pool": 16, "captions": {"short": 1.0}},
              "objective": {"name": "style", "tokens": 2, "width": 32, "side": 16}}
-    return parse_recipe({"name": "s", "model": model, "stages": [stage | ({"lora": lora} if lora else {})]})
+    stage |= ({"lora": lora} if lora else {}) | stage_keys
+    return parse_recipe({"name": "s", "model": model, "stages": [stage]})
 
 
 @pytest.mark.slow
@@ -176,6 +177,25 @@ def test_a_reference_lora_trains_with_the_encoder_and_runs_in_the_reference_pass
         assert not torch.allclose(v_ref, styled_velocity(pipe.model, x, t, cond, None, 0.0, plain, n, n))
     zero = mix_references([ref], [1.0], 0.0, enc.lora)
     assert torch.equal(pipe.generate(["a red circle"], seed=2, style=zero), pipe.generate(["a red circle"], seed=2))
+    # whole sampling at strength 1: the LoRA in every reference pass = the merged model reading the segment
+    full = pipe.generate(["a red circle"], seed=2, style=mix_references([ref], [1.0], 1.0, enc.lora))
+    merged_pipe = load_pipeline(str(base))
+    merged_pipe.model = merged
+    torch.testing.assert_close(full, merged_pipe.generate(["a red circle"], seed=2, style=plain), atol=1e-4, rtol=0)
+    # the stage's output is the base unchanged (the LoRA stays beside it), not base + ΔW
+    from krea2.models.loading import load_dit
+
+    out, start = load_dit(tmp_path / "run" / "final" / "model.safetensors").state_dict(), pipe.model.state_dict()
+    assert out.keys() == start.keys() and all(torch.equal(out[k], start[k]) for k in start)
+    with pytest.raises(Krea2Error, match="negative style references alone"):
+        mix_references([ref], [-1.0], 1.0, enc.lora)
+    from krea2.style import check_style_encoder
+
+    check_style_encoder(enc, pipe.model)
+    with pytest.raises(Krea2Error, match="int8-quantised"):
+        check_style_encoder(enc, load_pipeline(str(base), quantize="int8").model)
+    with pytest.raises(Krea2Error, match="EMA/PMA"):
+        train_recipe(style_recipe(2, init=base, lora={"rank": 4}, ema=0.9), tmp_path / "x", progress=False)
 
 
 def test_leakage_is_a_reference_object_the_prompt_did_not_ask_for():

@@ -295,9 +295,14 @@ def test_object_count_weights_set_the_mix_of_a_world_pool():
     # no weights = the uniform draw of earlier releases, scene for scene
     plain = [ex.meta["scene"] for ex in world_examples(20, 16, 5, n_objects=(1, 4))]
     assert plain == [ex.meta["scene"] for ex in pool_examples(DataConfig(source="world", size=16, pool=20), 5)]
-    for bad in ([1, 1], [1, -1, 0, 0], [0, 0, 0, 0]):
+    for bad in ([1, 1], [1, -1, 0, 0], [0, 0, 0, 0], [1, float("inf"), 0, 0]):
         with pytest.raises(ValueError, match="n_objects_weights"):
             DataConfig(source="world", n_objects=(1, 4), n_objects_weights=bad)
+    with pytest.raises(ValueError, match="without tags"):  # tags choose their own scenes: the weights would be lost
+        DataConfig(source="world", tags=["counting"], n_objects_weights=[1, 1, 1, 1])
+    triplets = pool_examples(DataConfig(source="triplets", size=16, pool=40, n_objects=(1, 2),
+                                        n_objects_weights=[0, 1]), 5)
+    assert {len(ex.meta["scene"]["objects"]) for ex in triplets} == {2}
 
 
 def test_multi_stage_resume_reuses_finished_stages(tmp_path):

@@ -97,6 +97,10 @@ def generate(
             raise Krea2Error(f"LoRA file not found: {path}")
     pipe = load_pipeline(checkpoint, dtype=torch.bfloat16 if bf16 else None, text_encoder=text_encoder,
                          autoencoder=vae, quantize=quantize)
+    if references:
+        from krea2.style import check_style_encoder
+
+        check_style_encoder(encoder, pipe.model)
     for path, scale in loras:
         pipe.load_lora(path, scale)
     note_snapped_size(pipe, width, height)

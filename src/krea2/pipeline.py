@@ -176,7 +176,9 @@ class Pipeline:
 
         Image i uses noise seeded seed + i, whatever batch_size is, or seeds[i] when `seeds` (one per prompt) is
         given: a server batching several requests gives each image its own request's seed. `style`: a
-        `krea2.style.StyleMix` (style references, their weights and strength; None: the release path). expander: a
+        `krea2.style.StyleMix` (style references, their weights and strength; None: the release path; a mix with a
+        reference LoRA adds it to the model during the reference passes, so one pipeline must not sample from two
+        threads at once — `krea2 serve` runs one worker). expander: a
         `krea2.expander.Expander` that rewrites prompt i at `creativity` first (see expand_prompts). sampling
         defaults to the checkpoint's (build another with `sampling_config(steps=..., guidance=..., mu=...)`).
         width/height default to the native

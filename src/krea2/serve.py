@@ -473,9 +473,10 @@ def create_app(cfg: ServeConfig, pipe=None):
     batcher.loras = load_loras(pipe, cfg.loras)
     encoder = None
     if cfg.style_encoder:
-        from krea2.style import load_style_encoder
+        from krea2.style import check_style_encoder, load_style_encoder
 
         encoder = load_style_encoder(cfg.style_encoder)
+        check_style_encoder(encoder, pipe.model)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -109,6 +109,10 @@ def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength:
 
     positive, _ = average(1)
     negative, negative_weight = average(-1)
+    if lora is not None and negative is not None and positive is None:
+        # the push-away term would also push against the LoRA's own shift (v_ref is the base without it)
+        raise Krea2Error("negative style references alone cannot be used with this style encoder (it has a "
+                         "reference LoRA); add a positive reference")
     return StyleMix(positive, negative, negative_weight, float(strength), lora)
 
 
@@ -160,6 +164,22 @@ def reference_lora(model, lora):
         yield
     finally:
         unload_lora(model, REFERENCE_LORA)
+
+
+def check_style_encoder(encoder: StyleEncoder, model: nn.Module) -> None:
+    """A style encoder's reference LoRA must fit the DiT it will run on (module names and shapes) and the DiT must
+    not be 8-bit (the LoRA hooks compute in the adapted weight's dtype); one-line Krea2Error otherwise. Call it once
+    the pipeline is loaded, before sampling."""
+    if encoder.lora is None:
+        return
+    from krea2.models.lora import check_lora
+    from krea2.models.quantize import quantized_format
+
+    fmt = quantized_format(model)
+    if fmt is not None:
+        raise Krea2Error(f"this style encoder's reference LoRA cannot run on a {fmt}-quantised DiT yet; load the "
+                         "checkpoint without --quantize")
+    check_lora(encoder.lora, model)
 
 
 def load_style_encoder(folder, device="cpu") -> StyleEncoder:

@@ -143,7 +143,8 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (1, 4), 
         raise Krea2Error(f"n_objects must satisfy 1 <= lo <= hi <= 4, got {n_objects}")
     if n_weights is not None:
         n_weights = np.asarray(n_weights, float)
-        if n_weights.shape != (hi - lo + 1,) or not np.all(n_weights >= 0) or not n_weights.sum() > 0:
+        if n_weights.shape != (hi - lo + 1,) or not np.all(np.isfinite(n_weights) & (n_weights >= 0)) \
+                or not n_weights.sum() > 0:
             raise Krea2Error(f"n_objects weights {n_weights.tolist()} must be {hi - lo + 1} non-negative numbers (one "
                              f"per count {lo}..{hi}) with a positive sum")
     styles, backgrounds = list(styles or STYLES), list(backgrounds or BACKGROUNDS)

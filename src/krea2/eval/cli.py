@@ -74,7 +74,7 @@ def style(
     from krea2.eval.world_eval import prompts_path
     from krea2.limits import check_finite
     from krea2.pipeline import image_grid, load_pipeline
-    from krea2.style import load_style_encoder
+    from krea2.style import check_style_encoder, load_style_encoder
 
     check_finite(strength, "--strength")
     if not 0 <= strength <= 1:
@@ -82,6 +82,7 @@ def style(
     records = load_prompts(prompts_path(prompts))
     encoder = load_style_encoder(style_encoder)
     pipe = load_pipeline(checkpoint, device="cpu")
+    check_style_encoder(encoder, pipe.model)
     report, images = evaluate_style(pipe, encoder, records, strength, images_per_prompt, seed)
     report.update(checkpoint=checkpoint, style_encoder=str(style_encoder), prompts=str(prompts_path(prompts)))
     out.parent.mkdir(parents=True, exist_ok=True)

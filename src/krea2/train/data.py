@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,9 +72,12 @@ class DataConfig:
         if self.n_objects_weights is not None:
             lo, hi = self.n_objects
             w = self.n_objects_weights
-            if len(w) != hi - lo + 1 or any(v < 0 for v in w) or not sum(w) > 0:
-                raise ValueError(f"n_objects_weights {w} must give one non-negative weight per count {lo}..{hi} "
-                                 "with a positive sum")
+            if len(w) != hi - lo + 1 or not all(math.isfinite(v) and v >= 0 for v in w) or not sum(w) > 0:
+                raise ValueError(f"n_objects_weights {w} must give one finite, non-negative weight per count "
+                                 f"{lo}..{hi} with a positive sum")
+            if self.tags or self.source not in ("world", "triplets"):
+                raise ValueError("n_objects_weights applies to world and triplets pools without tags (tags choose "
+                                 "their own scenes); remove it")
         if self.source not in SOURCES:
             raise ValueError(f"data source {self.source!r} unknown; choose one of {list(SOURCES)}")
         if self.source in {"rows", "pairs"} and not self.path:
@@ -257,7 +261,8 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
         return read_pairs(cfg.path)[: cfg.pool]
     if cfg.source == "triplets":
         return [ex for k, side in enumerate(sizes) for ex in world_triplets(
-            cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, styles=cfg.styles,
+            cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, n_weights=cfg.n_objects_weights,
+            styles=cfg.styles,
             backgrounds=cfg.backgrounds, sizes=cfg.sizes)]
     raise Krea2Error(f"data source {cfg.source!r} is not a pool")
 

@@ -258,6 +258,9 @@ def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | No
         if pcfg.tp > 1 and stage.lora.dropout > 0:
             raise Krea2Error(f"stage {stage.name}: LoRA dropout with tensor parallel (tp={pcfg.tp}) would draw "
                              "different masks on TP peers; set [stages.lora] dropout = 0 or tp = 1")
+        if not objective_cls.trains_policy and (stage.ema or stage.pma_k):
+            raise Krea2Error(f"stage {stage.name}: EMA/PMA would average the {objective_cls.name} objective's LoRA "
+                             "but not its own modules, a mismatched pair; set ema = 0 and pma_k = 0")
         transforms.append(lora_transform(stage.lora))
     mset = build_model_set(init, objective, ctx.dist.device, ctx.mesh,
                            pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema, transforms)
@@ -403,7 +406,10 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     shadows = mset.ema.shadows() if mset.ema is not None else None  # a collective: every rank gathers
     objective.export(sdir, write=main)
     if main:
-        release = (lambda d: fold_lora(d, stage.lora.scaling)) if stage.lora is not None else (lambda d: d)
+        # an objective that freezes the policy keeps its adapters beside the base (a style stage's reference LoRA,
+        # run in the reference passes only): its output is the base unchanged (adapters dropped, ΔW scaled by 0)
+        scaling = 0.0 if stage.lora is None or not objective.trains_policy else stage.lora.scaling
+        release = (lambda d: fold_lora(d, scaling)) if stage.lora is not None else (lambda d: d)
         write_output(ctx, cfg, sdir / "last", release(sd), native)
         if stage.pma_k:
             from safetensors.torch import load_file
