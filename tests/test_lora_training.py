@@ -89,6 +89,25 @@ def test_lora_stage_trains_adapters_only_and_resumes_exactly(tmp_path):
     assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_shifting_inits_save_adapters_exact_against_the_original_base(tmp_path, init):
+    """PiSSA/OLoRA take B0 A0 out of the base; the saved file must still be `final` - base on the base users have."""
+    from krea2.models.lora import merge_into_state_dict, read_lora
+
+    stage = LORA_STAGE.replace("steps = 4", "steps = 2").replace("ema = 0.9\n", "") + f'init = "{init}"\n'
+    run = tmp_path / "run"
+    train_recipe(load_recipe(write_recipe(tmp_path, steps=2, extra=stage)), run, progress=False)
+    base = load_file(run / "a" / "final" / "model.safetensors")
+    out = load_file(run / "b" / "final" / "model.safetensors")
+    lora = read_lora(run / "b" / "lora.safetensors")
+    assert all(m.rank == 8 for m in lora.modules.values())  # [B, -B0] [A; A0]: rank 2 x 4, same scale
+    merged = merge_into_state_dict(base, lora)
+    assert any(not torch.equal(out[k], base[k]) for k in base)
+    for k in base:
+        torch.testing.assert_close(merged[k], out[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
 def test_lora_dropout_with_tensor_parallel_is_refused(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, steps=1, extra=LORA_STAGE + "dropout = 0.1\n"),
                          ["parallel.tp=2", "parallel.dp_shard=1"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 TARGET_SETS = {
@@ -24,6 +25,10 @@ TARGET_SETS = {
     "attention": r"blocks\.\d+\.attn\.(wq|wk|wv|wo|gate)",
 }
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# PiSSA / OLoRA start the adapters from the base's own principal directions and take them out of the base
+# (W' = W − s·B0 A0): the trained adapters alone are relative to W', a base users do not have
+BASE_SHIFTING_INITS = ("pissa", "olora")
+INITIAL = "_krea2_lora_initial"  # {official module: (A0, B0)} kept on the model for those inits
 
 
 @dataclass
@@ -68,9 +73,32 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=lora_targets(model, cfg.targets), init_lora_weights=INITS[cfg.init])
     model = inject_adapter_in_model(config, model)
+    if cfg.init in BASE_SHIFTING_INITS:  # deterministic (SVD / QR of W): a resumed run recomputes the same factors
+        model.__dict__[INITIAL] = {name: (m.lora_A["default"].weight.detach().cpu().clone(),
+                                          m.lora_B["default"].weight.detach().cpu().clone())
+                                   for name, m in model.named_modules() if hasattr(m, "base_layer")}
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     return model
+
+
+def initial_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The (A0, B0) that PiSSA/OLoRA took out of each wrapped base weight, or None for inits that leave it as is."""
+    return model.__dict__.get(INITIAL)
+
+
+def relative_to_base(state: dict[str, Tensor], initial: dict | None) -> dict[str, Tensor]:
+    """Adapters in the krea2 LoRA format (`<module>.lora_A.weight` (r, in), `.lora_B.weight` (out, r)) made exact
+    against the original base: with W' = W − s·B0 A0, W' + s·B A = W + s·[B, −B0] [A; A0], a rank-2r LoRA with the
+    same scale (store alpha · 2). Unchanged when initial is None."""
+    if not initial:
+        return state
+    out = dict(state)
+    for name, (a0, b0) in initial.items():
+        a, b = out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"]
+        out[f"{name}.lora_A.weight"] = torch.cat([a, a0.to(a)], 0)
+        out[f"{name}.lora_B.weight"] = torch.cat([b, -b0.to(b)], 1)
+    return out
 
 
 def lora_transform(cfg: LoRAConfig):
@@ -102,8 +130,11 @@ def adapter_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def fold_lora(sd: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
-    """A peft-wrapped state dict -> release names with ΔW = scaling · B A folded into each wrapped weight (fp32)."""
+def fold_lora(sd: dict[str, Tensor], scaling: float, initial: dict | None = None, strength: float = 1.0
+              ) -> dict[str, Tensor]:
+    """A peft-wrapped state dict -> release names with the adapters folded into each wrapped weight (fp32):
+    W' + scaling · B A at strength 1; strength 0 gives the original base (W' itself, or W' + scaling · B0 A0 for the
+    PiSSA/OLoRA `initial` factors); between, the original base plus strength times the LoRA's ΔW."""
     out = {}
     for k, v in sd.items():
         if ".lora_A." in k or ".lora_B." in k:
@@ -115,16 +146,23 @@ def fold_lora(sd: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
         name, kind = m[1], m[2]
         if kind == "weight" and f"{name}.lora_A.default.weight" in sd:
             a, b = sd[f"{name}.lora_A.default.weight"].float(), sd[f"{name}.lora_B.default.weight"].float()
-            v = (v.float() + scaling * (b @ a)).to(v.dtype)
+            delta = b @ a
+            if initial and name in initial:
+                a0, b0 = (f.float() for f in initial[name])
+                shift = b0 @ a0
+                v = (v.float() + scaling * shift + strength * scaling * (delta - shift)).to(v.dtype)
+            else:
+                v = (v.float() + strength * scaling * delta).to(v.dtype)
         out[f"{name}.{kind}"] = v
     return out
 
 
-def save_adapters(path, sd: dict[str, Tensor], cfg: LoRAConfig) -> None:
-    """Adapter tensors of a peft-wrapped state dict to one file in the krea2 LoRA format (crash-safe)."""
+def save_adapters(path, sd: dict[str, Tensor], cfg: LoRAConfig, initial: dict | None = None) -> None:
+    """Adapter tensors of a peft-wrapped state dict to one file in the krea2 LoRA format (crash-safe), exact against
+    the original base (`relative_to_base`)."""
     from krea2.models.lora import save_lora
 
-    save_lora(path, adapter_state(sd), cfg.alpha)
+    save_lora(path, relative_to_base(adapter_state(sd), initial), cfg.alpha * (2 if initial else 1))
 
 
 class LoRAPreview:
@@ -141,6 +179,8 @@ class LoRAPreview:
         from krea2.pipeline import image_grid
 
         state, alphas = lora_state_from_peft(model)
+        if initial_factors(model):
+            state, alphas = relative_to_base(state, initial_factors(model)), {k: 2 * a for k, a in alphas.items()}
         lora = LoRA({name: LoRAModule(state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"], alpha)
                      for name, alpha in alphas.items()})
         self.pipe.load_lora(lora, name="training")  # the same name: the previous adapters are replaced

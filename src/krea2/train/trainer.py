@@ -40,7 +40,7 @@ from krea2.train.config import Recipe, StageConfig
 from krea2.train.data import DATA_KINDS, build_data, token_count
 from krea2.train.guard import GuardConfig, SpikeGuard
 from krea2.train.health import HealthConfig, HealthMonitor, dit_train_flops, peak_flops
-from krea2.train.lora import fold_lora, lora_targets, lora_transform, save_adapters
+from krea2.train.lora import fold_lora, initial_factors, lora_targets, lora_transform, save_adapters
 from krea2.train.models import build_model_set, load_master_weights
 from krea2.train.objectives import ObjectiveEnv, get_objective
 from krea2.train.watchdog import Watchdog
@@ -407,9 +407,10 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     objective.export(sdir, write=main)
     if main:
         # an objective that freezes the policy keeps its adapters beside the base (a style stage's reference LoRA,
-        # run in the reference passes only): its output is the base unchanged (adapters dropped, ΔW scaled by 0)
-        scaling = 0.0 if stage.lora is None or not objective.trains_policy else stage.lora.scaling
-        release = (lambda d: fold_lora(d, scaling)) if stage.lora is not None else (lambda d: d)
+        # run in the reference passes only): its output is the base unchanged (the LoRA folded at strength 0)
+        initial = initial_factors(mset.policy)
+        release = (lambda d: fold_lora(d, stage.lora.scaling, initial, float(objective.trains_policy))) \
+            if stage.lora is not None else (lambda d: d)
         write_output(ctx, cfg, sdir / "last", release(sd), native)
         if stage.pma_k:
             from safetensors.torch import load_file
@@ -419,7 +420,7 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
         elif shadows is not None:
             sd = {**sd, **shadows}
         if stage.lora is not None:
-            save_adapters(sdir / "lora.safetensors", sd, stage.lora)
+            save_adapters(sdir / "lora.safetensors", sd, stage.lora, initial)
         write_output(ctx, cfg, final_dir, release(sd), native)
         writer.close()
     barrier()
