@@ -90,9 +90,9 @@ def test_lora_stage_trains_adapters_only_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_base_shifting_inits_save_adapters_exact_against_the_original_base(tmp_path, init):
-    """PiSSA/OLoRA take B0 A0 out of the base; the saved file must still be `final` - base on the base users have."""
+def test_base_shifting_inits_save_adapters_exact_against_the_original_base(tmp_path, init="pissa"):
+    """PiSSA/OLoRA take B0 A0 out of the base; the saved file must still be `final` - base on the base users have.
+    (OLoRA shares the code path: the initial factors are read back from the wrapped layers, whatever made them.)"""
     from krea2.models.lora import merge_into_state_dict, read_lora
 
     stage = LORA_STAGE.replace("steps = 4", "steps = 2").replace("ema = 0.9\n", "") + f'init = "{init}"\n'

@@ -38,7 +38,7 @@ def generate(
     style_strength: Annotated[float | None, typer.Option(
         help="Style strength in [0, 1] (0: the base model; default 0.5).", show_default=False)] = None,
     style_encoder: Annotated[str | None, typer.Option(
-        help="The style encoder: a `style` stage folder (style.json, style_encoder.safetensors).",
+        help="The style adapter: world (shipped, for the world checkpoint) or a `style` stage folder.",
         show_default=False)] = None,
     expand: Annotated[str, typer.Option(
         help="Prompt expansion: raw (none) | low | medium | high; each image gets its own expansion.")] = "raw",
@@ -265,7 +265,8 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Largest width x height per image (and per style reference "
                                            "upload, checked before decoding).")] = 1024 * 1024,
     style_encoder: Annotated[str | None, typer.Option(
-        help="A `style` stage folder: enables the `style_refs` field.", show_default=False)] = None,
+        help="A style adapter (world or a `style` stage folder): enables the `style_refs` field.",
+        show_default=False)] = None,
     lora: Annotated[list[str] | None, typer.Option(
         help="Load a LoRA, FILE or NAME=FILE (switched off); requests turn it on with "
              "\"lora\": [{\"name\": NAME, \"scale\": S}]. Repeat for several.", show_default=False)] = None,

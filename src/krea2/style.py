@@ -183,13 +183,19 @@ def check_style_encoder(encoder: StyleEncoder, model: nn.Module) -> None:
 
 
 def load_style_encoder(folder, device="cpu") -> StyleEncoder:
-    """The style encoder a `style` stage wrote (style_encoder.safetensors + style.json in its stage folder).
+    """`world` (the adapter shipped for the `world` checkpoint) or the folder a `style` stage wrote
+    (style_encoder.safetensors + style.json, and lora.safetensors when it trained a reference LoRA).
     Raises Krea2Error for a missing or damaged folder."""
     import json
     from pathlib import Path
 
     from krea2.models.loading import read_safetensors
 
+    if str(folder) == "world":
+        folder = Path(__file__).resolve().parent / "assets" / "world_style"
+        if not (folder / "style.json").is_file():
+            raise Krea2Error(f"the world style adapter is not in this install ({folder}); build it with "
+                             "`make world-style`")
     folder = Path(folder)
     cfg_file, weights = folder / "style.json", folder / "style_encoder.safetensors"
     if not cfg_file.is_file() or not weights.is_file():

@@ -53,8 +53,9 @@ def world(
 
 @app.command("style")
 def style(
-    style_encoder: Annotated[str, typer.Option(help="A `style` stage folder (style.json, "
-                                               "style_encoder.safetensors).")],
+    style_encoder: Annotated[str, typer.Option(help="world (the shipped adapter) or a `style` stage folder "
+                                               "(style.json, style_encoder.safetensors[, lora.safetensors]).")
+                             ] = "world",
     checkpoint: Annotated[str, typer.Option(help="The base model the encoder was trained for.")] = "world",
     prompts: Annotated[str, typer.Option(help="world_eval | world_eval_small | a JSONL file; lines may carry refs "
                                          "[{style, weight}] and strength.")] = "world_eval",
