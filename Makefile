@@ -61,7 +61,9 @@ world-rl: setup
 world-turbo: setup
 	bash scripts/world_turbo.sh runs/turbo
 
-# the world style adapter (a style encoder on the frozen base, from world triplets), then its evaluation
+# the world style adapter (a style encoder and a reference LoRA on the frozen base, from world triplets; ~45 min at
+# one thread), then its evaluation; ship it (`--style-encoder world`) with
+#   cp runs/world-style/style/{style.json,style_encoder.safetensors,lora.safetensors} src/krea2/assets/world_style/
 world-style: setup
 	$(VENV)/bin/krea2 train recipes/world-style.toml --out runs/world-style --resume
 	$(VENV)/bin/krea2 eval style --style-encoder runs/world-style/style --strength 1 --out runs/world-style/eval.json

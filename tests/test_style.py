@@ -198,6 +198,22 @@ def test_a_reference_lora_trains_with_the_encoder_and_runs_in_the_reference_pass
         train_recipe(style_recipe(2, init=base, lora={"rank": 4}, ema=0.9), tmp_path / "x", progress=False)
 
 
+def test_the_world_style_adapter_ships_with_its_reference_lora():
+    from krea2.style import check_style_encoder, load_style_encoder
+
+    enc = load_style_encoder("world")
+    assert enc.lora is not None and len(enc.lora.modules) == 30  # rank 16 on the 6 blocks' 5 attention Linears
+    pipe = load_pipeline("world")
+    check_style_encoder(enc, pipe.model)
+    with torch.no_grad():
+        ref = enc(torch.zeros(1, 3, 32, 32))
+    base = pipe.generate(["a red circle"], seed=0)
+    assert torch.equal(pipe.generate(["a red circle"], seed=0, style=mix_references([ref], [1.0], 0.0, enc.lora)),
+                       base)
+    assert not torch.equal(pipe.generate(["a red circle"], seed=0, style=mix_references([ref], [1.0], 1.0, enc.lora)),
+                           base)
+
+
 def test_leakage_is_a_reference_object_the_prompt_did_not_ask_for():
     from krea2.eval.checker import DetectedObject, Detection
     from krea2.eval.style_eval import leaks
