@@ -175,29 +175,35 @@ def rank_slice(batch, rank: int, world: int):
 # ---------------------------------------------------------------- tensor parallel
 
 
+def _replicate_params(name: str, mod: nn.Module, mesh) -> None:
+    """distribute_module's partition_fn: the module's own parameters become replicated DTensors, frozen flags kept
+    (a LoRA stage freezes the base; a fresh nn.Parameter would make it trainable again)."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    for pname, p in list(mod.named_parameters(recurse=False)):
+        mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
+                                                 requires_grad=p.requires_grad))
+
+
 def _head_shared_style():
     """A TP style for QK-norm: its scale is shared by every head, but each TP rank holds only its own heads.
 
     The scale becomes a replicated DTensor and q, k enter as head-sharded DTensors, so the backward sums the scale's
     gradient over all heads (an all-reduce over TP) instead of leaving each rank with a partial one.
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_module
     from torch.distributed.tensor.parallel.style import ParallelStyle
 
     class HeadShardedNorm(ParallelStyle):
         def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-            def replicate_params(name, mod, mesh):
-                for pname, p in list(mod.named_parameters(recurse=False)):
-                    mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
-                                                             requires_grad=p.requires_grad))
-
             def inputs_as_head_shards(mod, inputs, mesh):
                 return tuple(DTensor.from_local(x, mesh, [Shard(1)], run_check=False) for x in inputs)
 
             def outputs_to_local(mod, outputs, mesh):
                 return tuple(o.to_local() for o in outputs)
 
-            return distribute_module(module, device_mesh, replicate_params, inputs_as_head_shards, outputs_to_local)
+            return distribute_module(module, device_mesh, _replicate_params, inputs_as_head_shards,
+                                     outputs_to_local)
 
     return HeadShardedNorm()
 
@@ -205,22 +211,18 @@ def _head_shared_style():
 def _replicated_lora_a_style():
     """A TP style for the LoRA A of a column-parallel Linear: A (rank x in) is replicated, its output stays a
     replicated DTensor so the column-parallel B that follows takes it as is. In backward each TP rank holds the
-    gradient of its own output shard only; as a DTensor it is summed over TP (like QK-norm's scale above)."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+    gradient of its own output shard only: a Partial DTensor, which FSDP2 (always applied over a mesh by
+    `parallelize_dit`) redistributes to Replicate, i.e. sums over TP, before the optimiser sees it."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
     from torch.distributed.tensor.parallel.style import ParallelStyle
 
     class ReplicatedLoRAA(ParallelStyle):
         def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-            def replicate_params(name, mod, mesh):
-                for pname, p in list(mod.named_parameters(recurse=False)):
-                    mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
-                                                             requires_grad=p.requires_grad))
-
             def inputs_replicated(mod, inputs, mesh):
                 return tuple(x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()],
                                                                                  run_check=False) for x in inputs)
 
-            return distribute_module(module, device_mesh, replicate_params, inputs_replicated)
+            return distribute_module(module, device_mesh, _replicate_params, inputs_replicated)
 
     return ReplicatedLoRAA()
 
