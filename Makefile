@@ -50,11 +50,13 @@ world-ae: setup
 world-ablation: setup
 	bash scripts/base_ablation.sh runs/ablation
 
-# the post-training ladder from the shipped base: sampled pairs -> DPO and STPO; Flow-GRPO; per-domain SFT and merges;
-# each evaluated on the public prompts with 2 images per prompt (about 1.5 hours on 2 cores; resumable)
+# the post-training chain from the shipped base, each rung from the one before: per-domain SFT -> TIES merge -> STPO
+# (DPO beside it) -> calibration -> Flow-GRPO, every rung evaluated on the public prompts (about 2.5 hours on 2 cores,
+# one thread; resumable). Ship the result (`--checkpoint world-rl`) and the aesthetic reward it was trained with:
+#   .venv/bin/krea2 export runs/chain/rl/final src/krea2/assets/world_rl --to krea2 --dtype bf16 --overwrite
+#   mkdir -p src/krea2/assets/world_aesthetic && cp runs/chain/aesthetic/aesthetic.* src/krea2/assets/world_aesthetic/
 world-rl: setup
-	bash scripts/world_ladder.sh runs/ladder
-	bash scripts/world_sft.sh runs/ladder
+	bash scripts/world_chain.sh runs/chain
 
 # Turbo: TDM distils the shipped base into guidance-free students on the Turbo grid (4 and 8 steps, and a 4-step
 # DMD2 arm), with the teacher at 20/8/4 steps, a teacher LoRA on the student and the distillation extracted as LoRAs

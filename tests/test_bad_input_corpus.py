@@ -22,6 +22,13 @@ CASES = [
     (["eval", "world", "--steps", "0"], "steps must be between 1 and 1000, got 0"),
     (["eval", "world", "--size", "33"], "--size 33 is neither"),
     (["train-ae", "--out", "{tmp}/ae", "--set", "lr=-1"], "need finite lr > 0"),
+    (["train-aesthetic", "--out", "{tmp}/a", "--set", "width=12"], "width 4-8 or a multiple of 8"),
+    (["train-aesthetic", "--out", "{tmp}/a", "--set", "seed=-1"], "seed >= 0"),
+    (["train-aesthetic", "--out", "{tmp}/a", "--set", "lr=inf"], "finite lr > 0"),
+    (["train-aesthetic", "--out", "{tmp}/a", "--set", "images=x"], "'x' is not a int"),
+    (["train-aesthetic", "--out", "{tmp}/a", "--set", "bogus=1"], "expected key=value with key one of"),
+    (["train", "recipes/world-rl.toml", "--set", 'stages.0.objective.rewards={"world_aesthetic:{tmp}/none" = 1.0}',
+      "--validate"], "has no aesthetic.safetensors"),
     # F: recipe values, caught by --validate as the run would
     (["train", "recipes/world-turbo.toml", "--set", "stages.0.save_every=0", "--validate"], "save_every >= 1"),
     (["train", "recipes/world-turbo.toml", "--set", "stages.0.objective.student_steps=0", "--validate"],

@@ -175,3 +175,16 @@ def test_validate_checks_lora_targets(tmp_path):
     assert "LoRA rank 8 on 72 Linears" in validate_recipe(load_recipe(root / "recipes" / "world-lora-demo.toml"))
     with pytest.raises(Krea2Error, match="match no Linear module"):
         validate_recipe(load_recipe(root / "recipes" / "world-lora-demo.toml", ["stages.0.lora.targets=nothing"]))
+
+
+def test_world_rl_ships_as_the_base_architecture_with_its_preset():
+    from krea2.pipeline import load_pipeline
+
+    info, base = resolve_checkpoint("world-rl"), resolve_checkpoint("world")
+    assert info.model == base.model and info.text_encoder == base.text_encoder
+    assert (info.sampling.steps, info.sampling.guidance) == (20, 2.0)  # the preset it scores best with (BENCHMARKS)
+    rl, ref = load_dit(info.model_path, info.model), load_dit(base.model_path, base.model)
+    moved = [k for k, v in rl.state_dict().items() if not torch.equal(v, ref.state_dict()[k])]
+    assert len(moved) > len(rl.state_dict()) // 2  # post-trained, not a copy of the base
+    images = load_pipeline("world-rl").generate(["a red circle", "two blue squares"], seed=0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

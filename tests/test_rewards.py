@@ -7,7 +7,7 @@ import torch
 from krea2.data import world
 from krea2.errors import Krea2Error
 from krea2.eval import checker
-from krea2.rewards import REWARDS, get_reward, requirement_results, world_rubric, world_strict
+from krea2.rewards import REWARDS, get_reward, is_known, requirement_results, world_rubric, world_strict
 
 
 def as_images(arrays) -> torch.Tensor:
@@ -95,7 +95,9 @@ def test_rubric_is_one_exactly_when_strict_passes():
 
 
 def test_registry_names_and_errors():
-    assert set(REWARDS) == {"world_rubric", "world_strict", "world_artifacts"}
+    assert set(REWARDS) == {"world_rubric", "world_strict", "world_artifacts", "world_aesthetic"}
+    assert is_known("world_aesthetic:runs/aes") and not is_known("world_rubric:runs/aes")
+    assert not is_known("world_aesthetic:") and not is_known("aesthetic")
     with pytest.raises(Krea2Error, match="unknown reward 'aesthetic'.*world_artifacts.*world_strict") as e:
         get_reward("aesthetic")
     assert "\n" not in str(e.value)
@@ -121,3 +123,41 @@ def test_artifact_reward_counts_fragments_and_broken_shapes():
     one = [{"objects": [{"shape": "circle"}]}]
     two_objects = next(i for i, r in enumerate(recs) if len(r["objects"]) == 2)
     assert reward(ims[two_objects:two_objects + 1], one).item() == 0.5  # one object more than asked
+
+
+def test_aesthetic_reward_separates_renders_from_a_models_samples(tmp_path):
+    from krea2.models.checkpoint import save_random_checkpoint
+    from krea2.rewards.aesthetic import AestheticConfig, train_aesthetic
+
+    ckpt = save_random_checkpoint(tmp_path / "rand", resolution=16)
+    cfg = AestheticConfig(images=40, steps=150, width=8, lr=3e-3)
+    rep = train_aesthetic(str(ckpt), tmp_path / "aes", cfg, progress=False)
+    # held-out scenes: a random model's samples are noise, easy to tell from renders
+    assert rep["holdout_accuracy"] >= 0.8 and rep["holdout_reward_renders"] > rep["holdout_reward_samples"] + 0.3
+    assert (tmp_path / "aes" / "tb").is_dir() and rep["resolution"] == 16
+    assert not list(tmp_path.glob(".aes*"))  # the temporary TensorBoard folder went in with the publish
+    reward = get_reward(f"world_aesthetic:{tmp_path / 'aes'}")
+    fresh = as_images([e.image for e in world.world_examples(8, 16, seed=999)])
+    noise = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    r = reward(fresh, [{}] * 8)
+    assert r.shape == (8,) and r.dtype == torch.float32 and ((r > 0) & (r < 1)).all()
+    assert r.mean() > reward(noise, [{}] * 8).mean() + 0.3
+    with pytest.raises(Krea2Error, match="already exists"):  # never overwritten unasked
+        train_aesthetic(str(ckpt), tmp_path / "aes", cfg, progress=False)
+    with pytest.raises(Krea2Error, match="no aesthetic.safetensors"):
+        get_reward(f"world_aesthetic:{tmp_path}")
+    (tmp_path / "aes" / "aesthetic.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Krea2Error, match="is not a krea2 aesthetic classifier") as e:
+        get_reward(f"world_aesthetic:{tmp_path / 'aes'}")
+    assert "\n" not in str(e.value)
+
+
+def test_the_shipped_aesthetic_reward_prefers_renders_to_the_base_models_samples():
+    from krea2.pipeline import load_pipeline
+
+    reward = get_reward("world_aesthetic")
+    exs = list(world.world_examples(16, 32, seed=4242))
+    renders = as_images([e.image for e in exs])
+    pipe = load_pipeline("world")
+    samples = pipe.generate([e.captions["short"] for e in exs], pipe.sampling_config(guidance=0.0, steps=8))
+    assert reward(renders, [{}] * 16).mean() > reward(samples, [{}] * 16).mean() + 0.3

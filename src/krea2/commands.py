@@ -13,7 +13,7 @@ from krea2.errors import Krea2Error
 def generate(
     # optional for click so that no prompts is our one-line error (exit 2), not a usage dump
     prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.", show_default=False)] = None,
-    checkpoint: Annotated[str, typer.Option(help="world | world-turbo | raw | turbo | checkpoint folder | "
+    checkpoint: Annotated[str, typer.Option(help="world | world-turbo | world-rl | raw | turbo | checkpoint folder | "
                                                  ".safetensors")] = "world",
     text_encoder: Annotated[str | None, typer.Option(help="Text encoder spec (default: the checkpoint's).")] = None,
     vae: Annotated[str | None, typer.Option(help="Autoencoder spec (default: the checkpoint's).")] = None,
@@ -253,7 +253,8 @@ def pairs(
 
 
 def serve(
-    checkpoint: Annotated[str, typer.Option(help="world | world-turbo | raw | turbo | checkpoint folder")] = "world",
+    checkpoint: Annotated[str, typer.Option(
+        help="world | world-turbo | world-rl | raw | turbo | checkpoint folder")] = "world",
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it).")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free one).")] = 8000,

@@ -28,8 +28,9 @@ from krea2.models.loading import UMASK, check_state_dict, infer_config, read_saf
 from krea2.sampling import SamplingConfig, sampling_preset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-# checkpoints shipped in the package: name -> folder under assets/ (the world base and its distilled Turbo student)
-SHIPPED = {"world": "world", "world-turbo": "world_turbo"}
+# checkpoints shipped in the package: name -> folder under assets/ (the world base, its distilled Turbo student and
+# its post-trained chain: SFT, merge, preference optimisation, RL)
+SHIPPED = {"world": "world", "world-turbo": "world_turbo", "world-rl": "world_rl"}
 RELEASED = {"raw": ("KREA2_RAW", "raw"), "turbo": ("KREA2_TURBO", "turbo")}  # name: (env var, sampling preset)
 RELEASED_TEXT_ENCODER = "qwen3-vl"
 RELEASED_AUTOENCODER = "qwen-image"
@@ -69,7 +70,8 @@ def sampling_from_dict(d: dict | None, default: str = "raw") -> SamplingConfig:
 
 
 def resolve_checkpoint(spec: str) -> CheckpointInfo:
-    """`world`, `world-turbo`, `raw`, `turbo`, a krea2 checkpoint folder, or a released-layout .safetensors file.
+    """`world`, `world-turbo`, `world-rl`, `raw`, `turbo`, a krea2 checkpoint folder, or a released-layout .safetensors
+    file.
 
     Raises Krea2Error when the spec names nothing usable (the message says what to pass instead).
     """

@@ -86,14 +86,15 @@ class AEConfig:
             raise Krea2Error("train-ae: seed, warmup, emoji_every and eval_images must be >= 0")
 
 
-def parse_overrides(cfg: AEConfig, overrides: list[str]) -> AEConfig:
-    """`key=value` pairs onto the config, typed by the field; unknown keys and bad values are one-line errors."""
-    known = {f.name: f for f in fields(AEConfig) if f.name != "extra"}
+def parse_overrides(cfg, overrides: list[str], command: str = "train-ae"):
+    """`key=value` pairs onto a config dataclass (AEConfig, AestheticConfig), typed by the field; unknown keys and bad
+    values are one-line Krea2Errors naming `command`; the result is validated (`validate()` or __post_init__)."""
+    known = {f.name for f in fields(cfg) if f.name != "extra"}
     values = asdict(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in known:
-            raise Krea2Error(f"train-ae --set {item!r}: expected key=value with key one of {sorted(known)}")
+            raise Krea2Error(f"{command} --set {item!r}: expected key=value with key one of {sorted(known)}")
         current = values[key]
         try:
             if isinstance(current, tuple):
@@ -102,11 +103,12 @@ def parse_overrides(cfg: AEConfig, overrides: list[str]) -> AEConfig:
                 values[key] = raw.lower() in ("1", "true", "yes")
             else:
                 values[key] = type(current)(raw)
-        except ValueError:
-            raise Krea2Error(f"train-ae --set {item!r}: {raw!r} is not a {type(current).__name__}") from None
-    values.pop("extra")
-    out = AEConfig(**values)
-    out.validate()
+        except (ValueError, TypeError):
+            raise Krea2Error(f"{command} --set {item!r}: {raw!r} is not a {type(current).__name__}") from None
+    values.pop("extra", None)
+    out = type(cfg)(**values)
+    if hasattr(out, "validate"):
+        out.validate()
     return out
 
 

@@ -45,9 +45,30 @@ def train_ae(
     typer.echo(f"wrote the autoencoder to {path}; evaluate it with: krea2 eval ae --vae world:{path} --size 64")
 
 
+def train_aesthetic(
+    out: Annotated[Path, typer.Option(help="Output folder: aesthetic.safetensors, aesthetic.json (report), tb/.")],
+    checkpoint: Annotated[str, typer.Option(help="The model whose samples are the negatives (world or a folder).")]
+    = "world",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value, e.g. images=2048 "
+                                                   "(fields of krea2.rewards.aesthetic.AestheticConfig).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
+):
+    """Train the aesthetic stand-in reward: world renders against a model's samples; use it as the GRPO reward
+    world_aesthetic:OUT."""
+    from krea2.rewards.aesthetic import AestheticConfig, train_aesthetic
+    from krea2.train.autoencoder import parse_overrides
+
+    cfg = parse_overrides(AestheticConfig(), list(set_ or []), command="train-aesthetic")
+    rep = train_aesthetic(checkpoint, out, cfg, overwrite=overwrite, progress=progress)
+    typer.echo(f"wrote {out}: held-out reward renders {rep['holdout_reward_renders']:.3f}, samples "
+               f"{rep['holdout_reward_samples']:.3f}\nholdout accuracy {rep['holdout_accuracy']:.3f}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(train)
     app.command("train-ae")(train_ae)
+    app.command("train-aesthetic")(train_aesthetic)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -575,6 +575,14 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
         objective = stage_objective(s)
         if check_paths and s.data.path and not Path(s.data.path).exists():
             raise Krea2Error(f"stage {s.name}: data path {s.data.path} does not exist (source {s.data.source})")
+        if check_paths:  # a learnt reward's model (NAME:FOLDER) is loaded here, not after the policy is built
+            from krea2.rewards import get_reward
+
+            for name in getattr(s.objective, "rewards", None) or {}:
+                try:
+                    get_reward(name)
+                except Krea2Error as e:
+                    raise Krea2Error(f"stage {s.name}: {e}") from None
         try:  # the objective's own checks against the architecture, where it has any
             getattr(s.objective, "check", lambda model, steps: None)(cfg, s.steps)
         except ValueError as e:

@@ -47,7 +47,7 @@ class GRPOConfig:
     min_visits: int = 2
 
     def __post_init__(self):
-        from krea2.rewards import REWARDS
+        from krea2.rewards import REWARDS, is_known
 
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages are relative to the group")
@@ -57,9 +57,10 @@ class GRPOConfig:
             raise ValueError("needs eta > 0, clip_range > 0, kl_beta >= 0 and train_fraction in (0, 1]")
         if not 0 < self.deprioritize <= 1 or self.min_visits < 1 or not 0 <= self.hard < self.easy <= 1:
             raise ValueError("needs deprioritize in (0, 1], min_visits >= 1 and 0 <= hard < easy <= 1")
-        unknown = sorted(set(self.rewards) - set(REWARDS))
+        unknown = sorted(name for name in self.rewards if not is_known(name))
         if unknown or not self.rewards:
-            raise ValueError(f"rewards {unknown or '{}'} unknown or empty; known: {sorted(REWARDS)}")
+            raise ValueError(f"rewards {unknown or '{}'} unknown or empty; known: {sorted(REWARDS)} (learnt ones "
+                             "also as NAME:FOLDER)")
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -139,7 +140,7 @@ class FlowGRPO(Objective):
         for name, weight in self.cfg.rewards.items():
             r = self.reward_fns[name](images, records).float().cpu()
             first = r if first is None else first
-            means[f"reward/{name}"] = r.mean()
+            means[f"reward/{name.partition(':')[0]}"] = r.mean()  # NAME:FOLDER logs as NAME (comparable runs)
             adv += weight * group_advantages(r, self.cfg.group_size)
         return adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip), means, first
 
