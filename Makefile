@@ -54,7 +54,7 @@ world-ablation: setup
 	bash scripts/base_ablation.sh runs/ablation
 
 # the post-training chain from the shipped base, each rung from the one before: per-domain SFT -> TIES merge -> STPO
-# (DPO beside it) -> calibration -> Flow-GRPO, every rung evaluated on the public prompts (about 2.5 hours on 2 cores,
+# (DPO beside it) -> calibration -> Flow-GRPO, every rung evaluated on the public prompts (about 2 hours on 2 cores,
 # one thread; resumable). Ship the result (`--checkpoint world-rl`) and the aesthetic reward it was trained with:
 #   .venv/bin/krea2 export runs/chain/rl/final src/krea2/assets/world_rl --to krea2 --dtype bf16 --overwrite
 #   mkdir -p src/krea2/assets/world_aesthetic && cp runs/chain/aesthetic/aesthetic.* src/krea2/assets/world_aesthetic/

@@ -77,5 +77,5 @@ train recipes/world-rl.toml "$OUT/rl" --set "model.init=$OUT/calib/final" --set 
 eval_world "$OUT/rl/final" "$OUT/eval/rl.json"
 eval_world "$OUT/rl/final" "$OUT/eval/rl-g0.json" --guidance 0
 eval_world "$OUT/calib/final" "$OUT/eval/calib-g0.json" --guidance 0
-.venv/bin/python benchmarks/ladder_table.py "$OUT"/eval/{base,sft-counting,sft-relations,sft-styles,merge-avg,merge-ties,dpo,stpo} \
+.venv/bin/python benchmarks/ladder_table.py "$OUT"/eval/{base,sft-counting,sft-relations,sft-styles,merge-avg,merge-ties,dpo,stpo}.json \
   "$OUT"/eval/{calib,rl,calib-g0,rl-g0}.json

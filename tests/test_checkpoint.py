@@ -188,3 +188,16 @@ def test_a_kill_between_the_publish_renames_keeps_a_complete_state(tmp_path):
     state.rename(tmp_path / "state.old")
     (tmp_path / "state.tmp").mkdir()
     assert recover_checkpoint(state) and load_training_state(state, model)["step"] == 2
+
+
+def test_published_folders_have_the_umask_permissions(tmp_path):
+    """safetensors writes 0600 and mkdtemp 0700: a published checkpoint or classifier is readable like any file."""
+    import os
+
+    from krea2.models.checkpoint import save_random_checkpoint
+    from krea2.models.loading import UMASK
+
+    ckpt = save_random_checkpoint(tmp_path / "rand", resolution=16)
+    for f in (ckpt / "model.safetensors", ckpt / "config.json"):
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~UMASK
+    assert os.stat(ckpt).st_mode & 0o777 == 0o777 & ~UMASK

@@ -161,3 +161,4 @@ def test_the_shipped_aesthetic_reward_prefers_renders_to_the_base_models_samples
     pipe = load_pipeline("world")
     samples = pipe.generate([e.captions["short"] for e in exs], pipe.sampling_config(guidance=0.0, steps=8))
     assert reward(renders, [{}] * 16).mean() > reward(samples, [{}] * 16).mean() + 0.3
+

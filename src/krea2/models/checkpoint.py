@@ -151,7 +151,12 @@ def publish_dir(path: str | Path, fill: Callable[[Path], None], overwrite: bool 
         fill(tmp)
         for f in tmp.iterdir():
             _fsync(f)
-        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; give the folder the permissions mkdir would
+        # mkdtemp makes 0700 and safetensors' save_file writes 0600: give everything the permissions a plain
+        # mkdir / open() would, so a published checkpoint is readable where any other file is
+        for f in tmp.rglob("*"):
+            if not f.is_symlink():
+                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~UMASK)
+        os.chmod(tmp, 0o777 & ~UMASK)
         if path.exists():  # renaming onto a non-empty folder fails: move the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old)

@@ -131,7 +131,6 @@ def train_aesthetic(checkpoint: str, out: str | Path, cfg: AestheticConfig | Non
 
     from krea2.data.world import world_examples
     from krea2.models.checkpoint import publish_dir
-    from krea2.models.loading import atomic_write
     from krea2.pipeline import load_pipeline
 
     cfg = cfg or AestheticConfig()
@@ -184,8 +183,7 @@ def train_aesthetic(checkpoint: str, out: str | Path, cfg: AestheticConfig | Non
         report = {"config": asdict(cfg), "checkpoint": checkpoint, "resolution": size, **report}
 
         def fill(tmp: Path) -> None:
-            sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-            atomic_write(tmp / WEIGHTS, lambda f: save_file(sd, f))  # the umask's permissions, as any saved file
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
             (tmp / CONFIG).write_text(json.dumps(report, indent=1) + "\n")
             shutil.copytree(tmp_tb, tmp / "tb")
 
