@@ -11,6 +11,7 @@ from krea2 import cli
 from krea2.errors import Krea2Error
 from krea2.models.autoencoders import LATENT_STATS, WorldAutoencoder, load_autoencoder
 from krea2.train import autoencoder as tae
+from krea2.train.config import parse_overrides
 
 cli._mount()
 TINY = dict(steps=4, batch_size=4, sizes=(32,), width=16, enc_blocks=1, dec_blocks=1, warmup=1, save_every=2,
@@ -101,18 +102,18 @@ def test_reconstruction_report_reads_exact_and_blurred_reconstructions():
 
 
 def test_overrides_and_bad_input():
-    cfg = tae.parse_overrides(tae.AEConfig(), ["steps=10", "sizes=32,64", "lr=0.002"])
+    cfg = parse_overrides(tae.AEConfig(), ["steps=10", "sizes=32,64", "lr=0.002"])
     assert (cfg.steps, cfg.sizes, cfg.lr) == (10, (32, 64), 0.002)
     with pytest.raises(Krea2Error, match="key one of"):
-        tae.parse_overrides(tae.AEConfig(), ["stepz=10"])
+        parse_overrides(tae.AEConfig(), ["stepz=10"])
     with pytest.raises(Krea2Error, match="is not a int"):
-        tae.parse_overrides(tae.AEConfig(), ["steps=many"])
+        parse_overrides(tae.AEConfig(), ["steps=many"])
     with pytest.raises(Krea2Error, match="sizes must be world sizes"):
-        tae.parse_overrides(tae.AEConfig(), ["sizes=30"])
+        parse_overrides(tae.AEConfig(), ["sizes=30"])
     for bad, needle in (("latent_channels=64", "<= 48"), ("width=100", "multiple of 8"), ("seed=-1", ">= 0"),
                         ("lr=nan", "finite lr"), ("latent_noise=inf", "finite")):
         with pytest.raises(Krea2Error, match=needle):
-            tae.parse_overrides(tae.AEConfig(), [bad])
+            parse_overrides(tae.AEConfig(), [bad])
 
 
 def test_cli_errors_are_one_line(tmp_path, cli_error):

@@ -38,7 +38,8 @@ def train_ae(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last saved state.")] = False,
 ):
     """Train the world autoencoder (4x, 32 channels) on world renders and emoji; use it as --vae world:OUT/final."""
-    from krea2.train.autoencoder import AEConfig, parse_overrides, train_autoencoder
+    from krea2.train.autoencoder import AEConfig, train_autoencoder
+    from krea2.train.config import parse_overrides
 
     cfg = parse_overrides(AEConfig(), list(set_ or []))
     path = train_autoencoder(cfg, out, resume=resume)
@@ -57,7 +58,7 @@ def train_aesthetic(
     """Train the aesthetic stand-in reward: world renders against a model's samples; use it as the GRPO reward
     world_aesthetic:OUT."""
     from krea2.rewards.aesthetic import AestheticConfig, train_aesthetic
-    from krea2.train.autoencoder import parse_overrides
+    from krea2.train.config import parse_overrides
 
     cfg = parse_overrides(AestheticConfig(), list(set_ or []), command="train-aesthetic")
     rep = train_aesthetic(checkpoint, out, cfg, overwrite=overwrite, progress=progress)

@@ -312,3 +312,29 @@ def _set_path(node, parts: list[str], value, item: str) -> None:
         _set_path(node.setdefault(head, {}), rest, value, item)
     else:
         node[head] = value
+
+
+def parse_overrides(cfg, overrides: list[str], command: str = "train-ae"):
+    """`key=value` pairs onto a config dataclass (AEConfig, AestheticConfig), typed by the field; unknown keys and bad
+    values are one-line Krea2Errors naming `command`; the result is validated (`validate()` or __post_init__)."""
+    known = {f.name for f in fields(cfg) if f.name != "extra"}
+    values = asdict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise Krea2Error(f"{command} --set {item!r}: expected key=value with key one of {sorted(known)}")
+        current = values[key]
+        try:
+            if isinstance(current, tuple):
+                values[key] = tuple(int(v) for v in raw.split(",") if v.strip())
+            elif isinstance(current, bool):
+                values[key] = raw.lower() in ("1", "true", "yes")
+            else:
+                values[key] = type(current)(raw)
+        except (ValueError, TypeError):
+            raise Krea2Error(f"{command} --set {item!r}: {raw!r} is not a {type(current).__name__}") from None
+    values.pop("extra", None)
+    out = type(cfg)(**values)
+    if hasattr(out, "validate"):
+        out.validate()
+    return out
