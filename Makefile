@@ -68,12 +68,16 @@ world-rl: setup
 world-turbo: setup
 	bash scripts/world_turbo.sh runs/turbo
 
-# the world style adapter (a style encoder and a reference LoRA on the frozen base, from world triplets; ~45 min at
-# one thread), then its evaluation; ship it (`--style-encoder world`) with
-#   cp runs/world-style/style/{style.json,style_encoder.safetensors,lora.safetensors} src/krea2/assets/world_style/
+# the world style adapter (a style encoder and a reference LoRA on the frozen base, from world triplets; ~40 min at
+# one thread), then its preference step (style pairs drawn by it, judged by style accuracy minus leakage; STPO on
+# the encoder and the LoRA), then its evaluation; ship it (`--style-encoder world`) with
+#   cp runs/world-style-po/po/{style.json,style_encoder.safetensors,lora.safetensors} src/krea2/assets/world_style/
 world-style: setup
 	$(VENV)/bin/krea2 train recipes/world-style.toml --out runs/world-style --resume
-	$(VENV)/bin/krea2 eval style --style-encoder runs/world-style/style --strength 1 --out runs/world-style/eval.json
+	test -f runs/world-style/pairs.parquet || $(VENV)/bin/krea2 pairs --kind style --style-encoder runs/world-style/style \
+		--prompts 400 --out runs/world-style/pairs.parquet
+	$(VENV)/bin/krea2 train recipes/world-style-po.toml --out runs/world-style-po --resume
+	$(VENV)/bin/krea2 eval style --style-encoder runs/world-style-po/po --strength 1 --out runs/world-style-po/eval.json
 
 # the prompt expander (--expander world): SFT then GRPO with TRL, evaluated at every creativity level, then shipped
 # (about 1 hour on 2 cores; resumable)
@@ -89,7 +93,7 @@ lora-demo: setup
 	bash scripts/lora_demo.sh runs/lora-demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .

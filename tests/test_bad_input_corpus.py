@@ -29,6 +29,13 @@ CASES = [
     (["train-aesthetic", "--out", "{tmp}/a", "--set", "bogus=1"], "expected key=value with key one of"),
     (["train", "recipes/world-rl.toml", "--set", 'stages.0.objective.rewards={"world_aesthetic:{tmp}/none" = 1.0}',
       "--validate"], "has no aesthetic.safetensors"),
+    (["pairs", "--out", "{tmp}/p.parquet", "--kind", "style"], "--kind style needs --style-encoder"),
+    (["pairs", "--out", "{tmp}/p.parquet", "--style-encoder", "world"], "--kind style needs --style-encoder"),
+    (["pairs", "--out", "{tmp}/p.parquet", "--kind", "sideways"], "pair kind 'sideways' unknown"),
+    (["train", "recipes/world-style-po.toml", "--set", "stages.0.objective.method=ipo", "--validate"],
+     "method 'ipo' unknown"),
+    (["train", "recipes/world-style-po.toml", "--set", "stages.0.objective.adapter=", "--validate"],
+     "style_po needs adapter"),
     # F: recipe values, caught by --validate as the run would
     (["train", "recipes/world-turbo.toml", "--set", "stages.0.save_every=0", "--validate"], "save_every >= 1"),
     (["train", "recipes/world-turbo.toml", "--set", "stages.0.objective.student_steps=0", "--validate"],

@@ -164,3 +164,49 @@ def test_bad_prompt_files_name_the_problem_file_and_line(tmp_path, line, match):
     with pytest.raises(Krea2Error, match=match) as e:
         checker.load_prompts(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_failure_says_why_and_is_none_exactly_when_the_image_matches():
+    from krea2.eval.world_eval import evaluate_images
+
+    def obj(shape="circle", color="red", size="large", position="center", xy=(0.5, 0.5)):
+        return checker.DetectedObject(shape, color, size, position, xy, 1.0)
+
+    red_circle = {"objects": [{"shape": "circle", "color": "red", "size": "large"}], "background": "white"}
+    cases = [
+        (checker.Detection("white", "flat", [obj()]), None),
+        (checker.Detection("black", "flat", [obj()]), "background"),
+        (checker.Detection("white", None, []), "no object"),
+        (checker.Detection("white", "flat", [obj(), obj(xy=(0.1, 0.1))]), "extra object"),
+        (checker.Detection("white", "flat", [obj(shape="square")]), "shape"),
+        (checker.Detection("white", "flat", [obj(color="blue")]), "color"),
+        (checker.Detection("white", "flat", [obj(size="small")]), "size"),
+    ]
+    for det, why in cases:
+        assert checker.failure(det, red_circle) == why
+    two = {"objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}],
+           "relations": [{"a": 0, "b": 1, "relation": "left of"}]}
+    assert checker.failure(checker.Detection("white", "flat", [obj()]), two) == "missing object"
+    # attributes right under the best assignment, the relation wrong (the circle is right of the square)
+    swapped = checker.Detection("white", "flat", [obj(xy=(0.8, 0.5)), obj("square", "blue", xy=(0.2, 0.5))])
+    assert checker.failure(swapped, two) == "relation"
+    # the best assignment, not the first: the square is found but blue->green is its only error
+    green = checker.Detection("white", "flat", [obj(xy=(0.2, 0.5)), obj("square", "green", xy=(0.8, 0.5))])
+    assert checker.failure(green, two) == "color"
+    # on renders of every tag against their own and other scenes' records: failure is None iff matches
+    rng = np.random.default_rng(9)
+    records, images = [], []
+    for tag in world.TAGS:
+        for i in range(6):
+            scene = world.sample_scene_for_tag(rng, tag)
+            records.append(world.scene_to_prompt_record(scene, tag, rng))
+            images.append(world.render(scene, 32, i))
+    shuffled = records[1:] + records[:1]
+    for rec, img in zip(shuffled + records, images + images):
+        det = checker.detect(img)
+        assert (checker.failure(det, rec) is None) == checker.matches(det, rec)
+    summary, rows = evaluate_images(shuffled, images)
+    failed = [r for r in rows if not r["correct"]]
+    assert sum(summary["failures"]["all"].values()) == len(failed) > 0
+    assert all(sum(summary["failures"][t].values()) == sum(not r["correct"] for r in rows if r["tag"] == t)
+               for t in summary["per_tag"])

@@ -105,6 +105,19 @@ def test_errors_exit_2_with_one_line(ckpt, tmp_path, monkeypatch, capsys):
         assert "Traceback" not in err
 
 
+def test_commands_are_mounted_once_however_often_main_runs(monkeypatch, capsys):
+    from krea2 import cli
+
+    run_main(monkeypatch, capsys, "generate", "--bogus")
+    commands, groups = len(cli.app.registered_commands), len(cli.app.registered_groups)
+    for _ in range(3):
+        code, err = run_main(monkeypatch, capsys, "generate", "--bogus")
+        assert code == 2 and "No such option" in err
+    # each mount used to add every command again, and typer rebuilds them all per call: O(calls) per call
+    assert (len(cli.app.registered_commands), len(cli.app.registered_groups)) == (commands, groups)
+    assert len({c.callback for c in cli.app.registered_commands}) == commands
+
+
 def test_error_exit_through_the_installed_script(tmp_path):
     exe = Path(sys.executable).with_name("krea2")
     res = subprocess.run([str(exe), "generate", "x", "--checkpoint", str(tmp_path / "nope.safetensors")],

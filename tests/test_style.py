@@ -322,3 +322,150 @@ def test_generate_with_style_references(tmp_path, cli_error):
     code, err = run("bad", "--style-encoder", enc)  # style options without a reference are not silently ignored
     assert code == 2 and "add --style-ref" in err
     assert not (tmp_path / "bad").exists()  # every refusal came before --out was made
+
+
+def style_pairs_file(path, n: int = 8, size: int = 16):
+    """Winner: a render in the reference's style; loser: the same caption's scene in another style; the reference: a
+    third scene in the winner's style (what `krea2 pairs --kind style` writes, from renders instead of samples)."""
+    import dataclasses
+
+    import numpy as np
+
+    from krea2.data import world
+    from krea2.train.data import write_pairs
+
+    rng = np.random.default_rng(3)
+    caps, wins, loss, refs = [], [], [], []
+    for i in range(n):
+        style, other = world.STYLES[i % 5], world.STYLES[(i + 2) % 5]
+        scene = world.sample_scene(rng, styles=[style], n_objects=(1, 1))
+        caps.append(world.captions(scene, rng)["short"])
+        wins.append(world.render(scene, size, i))
+        loss.append(world.render(dataclasses.replace(scene, style=other), size, i))
+        refs.append(world.render(world.sample_scene(rng, styles=[style]), size, 100 + i))
+    return write_pairs(path, caps, wins, loss, [{"kind": "style"}] * n, refs)
+
+
+@pytest.mark.slow
+def test_style_preference_starts_at_ln2_from_the_adapter_and_trains_encoder_and_lora(tmp_path):
+    import json
+
+    from krea2.models.loading import load_dit
+    from krea2.style import load_style_encoder
+    from krea2.train.config import parse_recipe
+    from krea2.train.trainer import train_recipe
+
+    base = save_random_checkpoint(tmp_path / "base", resolution=16)
+    lora = {"rank": 4, "alpha": 4.0, "targets": "attention"}
+    train_recipe(style_recipe(2, init=base, lora=lora, lr=1e-2), tmp_path / "sup", progress=False)
+    start = load_style_encoder(tmp_path / "sup" / "style")
+    pairs = style_pairs_file(tmp_path / "pairs.parquet")
+    stage = {"name": "po", "steps": 3, "batch_size": 4, "lr": 1e-2, "warmup": 1, "log_every": 1, "save_every": 100,
+             "data": {"source": "style_pairs", "path": str(pairs)}, "lora": {**lora, "alpha": 8.0},
+             "objective": {"name": "style_po", "method": "dpo", "adapter": str(tmp_path / "sup" / "style")}}
+    train_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [stage]}), tmp_path / "run",
+                 progress=False)
+    first = json.loads((tmp_path / "run" / "po" / "losses.jsonl").read_text().splitlines()[0])
+    # policy (encoder + peft LoRA rescaled to another alpha) == reference (encoder copy + the LoRA merged into the
+    # frozen ref) at the first step: −log σ(0) to float rounding; a reference without the LoRA is ~1e-3 off
+    assert abs(first["loss"] - 0.6931472) < 1e-4
+    out = load_style_encoder(tmp_path / "run" / "po")
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), out.state_dict().values()))
+    assert out.lora.modules.keys() == start.lora.modules.keys() and out.lora.alphas == [8.0]
+    assert any(not torch.allclose(out.lora.modules[k].delta(), start.lora.modules[k].delta())
+               for k in start.lora.modules)
+    before, after = load_dit(base / "model.safetensors").state_dict(), load_dit(
+        tmp_path / "run" / "final" / "model.safetensors").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base stays frozen
+    # --validate loads the adapter; a resume refuses an adapter that changed since the run started
+    import shutil
+
+    from krea2.train.trainer import validate_recipe
+
+    recipe = parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [{**stage, "steps": 5}]})
+    assert "style_po, 5 steps" in validate_recipe(recipe)
+    shutil.copytree(tmp_path / "sup" / "style", tmp_path / "bare", ignore=shutil.ignore_patterns("lora.*"))
+    bare = {**stage, "objective": {**stage["objective"], "adapter": str(tmp_path / "bare")}}
+    with pytest.raises(Krea2Error, match="has no reference LoRA"):
+        validate_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [bare]}))
+    for d in ("po/final", "final"):
+        shutil.rmtree(tmp_path / "run" / d)
+    (tmp_path / "sup" / "style" / "lora.safetensors").write_bytes(
+        (tmp_path / "run" / "po" / "lora.safetensors").read_bytes())
+    with pytest.raises(Krea2Error, match="changed since this run started"):
+        train_recipe(recipe, tmp_path / "run", resume=True, progress=False)
+    bad = {**stage, "data": {"source": "pairs", "path": str(pairs)}}
+    with pytest.raises(Krea2Error, match="reads style_pairs"):
+        train_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [bad]}), tmp_path / "x",
+                     progress=False)
+    no_lora = {k: v for k, v in stage.items() if k != "lora"}
+    with pytest.raises(Krea2Error, match=r"add \[stages.lora\]"):
+        train_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [no_lora]}), tmp_path / "y",
+                     progress=False)
+
+
+def test_lora_weights_start_the_adapters_from_a_file(tmp_path):
+    import copy
+
+    from krea2.models.dit import DiT
+    from krea2.models.lora import LoRA, LoRAModule, write_lora
+    from krea2.train.lora import LoRAConfig, inject_lora, lora_targets
+
+    torch.manual_seed(0)
+    model = DiT("tiny-world")
+    names = lora_targets(model, "attention")
+    g = torch.Generator().manual_seed(1)
+    lora = LoRA({n: LoRAModule(torch.randn(2, model.get_submodule(n).in_features, generator=g),
+                               torch.randn(model.get_submodule(n).out_features, 2, generator=g), 6.0) for n in names})
+    file = write_lora(lora, tmp_path / "a.safetensors")
+    x = torch.randn(3, model.get_submodule(names[0]).in_features)
+    wrapped = inject_lora(copy.deepcopy(model), LoRAConfig(rank=2, alpha=1.0, targets="attention",
+                                                           weights=str(file)))
+    expect = model.get_submodule(names[0])(x) + x @ lora.modules[names[0]].delta().T
+    torch.testing.assert_close(wrapped.get_submodule(names[0])(x), expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Krea2Error, match="rank 2"):
+        inject_lora(copy.deepcopy(model), LoRAConfig(rank=4, targets="attention", weights=str(file)))
+    with pytest.raises(Krea2Error, match="other modules than targets"):
+        inject_lora(copy.deepcopy(model), LoRAConfig(rank=2, targets="all", weights=str(file)))
+    with pytest.raises(Krea2Error, match="not found"):
+        inject_lora(copy.deepcopy(model), LoRAConfig(rank=2, targets="attention", weights=str(tmp_path / "no")))
+    with pytest.raises(ValueError, match="would replace them"):
+        LoRAConfig(init="pissa", weights="a.safetensors")
+
+
+def test_style_pairs_keep_the_best_and_worst_by_style_minus_leakage(tmp_path, monkeypatch):
+    import numpy as np
+
+    from krea2.eval.checker import DetectedObject, Detection
+    from krea2.train import pairs as pairs_mod
+    from krea2.train.data import read_pairs, write_pairs
+
+    det = Detection("white", "flat", [DetectedObject("circle", "red", "large", "center", (0.5, 0.5), 1.0)])
+    circle = {"prompt": "a red circle", "objects": [{"shape": "circle", "color": "red"}]}
+    square = {"prompt": "a blue square", "objects": [{"shape": "square", "color": "blue"}]}
+    ref = {"style": "flat", "objects": [{"shape": "square", "color": "green"}]}
+    leaky = {"style": "flat", "objects": [{"shape": "circle", "color": "red"}]}
+    assert pairs_mod.style_reward(det, circle, [ref]) == 1.25  # in style, asked content, nothing leaked
+    assert pairs_mod.style_reward(det, circle, [{**ref, "style": "outline"}]) == 0.25  # another style
+    assert pairs_mod.style_reward(det, square, [ref]) == 1.0  # in style, wrong content
+    assert pairs_mod.style_reward(det, square, [leaky]) == 0.0  # in style but drew the reference's red circle
+    # the sampler: the pair is the argmax and argmin of the reward over the group, with the reference it drew
+    pipe = load_pipeline(str(save_random_checkpoint(tmp_path / "ckpt", resolution=16)))
+    enc = StyleEncoder(pipe.model.cfg.features, 2, 4, 32, 4, 16)
+    seen = []
+
+    def reward(det, record, scenes, content_weight=0.25):
+        seen.append(scenes[0]["style"])
+        return float(len(seen) % 3)  # group of 3: rewards 1, 2, 0 -> best the 2nd image, worst the 3rd
+
+    monkeypatch.setattr(pairs_mod, "style_reward", reward)
+    caps, wins, loss, metas, refs = pairs_mod.sample_style_pairs(pipe, enc, 2, group_size=3, seed=5, progress=False)
+    assert len(caps) == 2 and [m["style"] for m in metas] == seen[::3]
+    with torch.no_grad():
+        tokens = enc(torch.from_numpy(refs[0]).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    images = pipe.generate([caps[0]] * 3, seed=5 * 1_000_003, style=mix_references([tokens], [1.0], 1.0))
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(wins[0], u8[1]) and np.array_equal(loss[0], u8[2])
+    write_pairs(tmp_path / "p.parquet", caps, wins, loss, metas, refs)
+    back = read_pairs(tmp_path / "p.parquet")
+    assert np.array_equal(back[1].meta["reference"], refs[1]) and np.array_equal(back[1].meta["loser"], loss[1])

@@ -172,7 +172,7 @@ def test_later_stages_run_on_the_device_of_the_run(tmp_path, monkeypatch):
     ("sampling.stepz=4", r"\[sampling\]: unknown key\(s\) \['stepz'\]"),
     ("model.preset=world-xl", "unknown model preset 'world-xl'; choose from"),
     ("stages.0.objective.name=dpoo",
-     "objective 'dpoo' unknown; available: \\['dmd2', 'dpo', 'flow', 'grpo', 'stpo', 'style', 'tdm'\\]"),
+     "objective 'dpoo' unknown; available: \\['dmd2', 'dpo', 'flow', 'grpo', 'stpo', 'style', 'style_po', 'tdm'\\]"),
     ("stages.0.objective.beta=3", r"\[objective\]: unknown key\(s\) \['beta'\]"),
     ("stages.0.objective.irepa.layr=2", r"\[irepa\]: unknown key\(s\) \['layr'\]"),
     ("stages.0.data.sourc=world", r"\[data\]: unknown key\(s\) \['sourc'\]"),

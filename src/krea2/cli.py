@@ -13,7 +13,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _mount() -> None:
-    # Imported lazily so `krea2 --help` stays fast and one broken extra never takes the whole CLI down.
+    # Imported lazily so `krea2 --help` stays fast and one broken extra never takes the whole CLI down. Once per
+    # process: every registration adds the commands again, and typer rebuilds them all on each call (a process that
+    # calls main() repeatedly, as tests and embedding code do, slowed down with every call).
+    if app.registered_commands:
+        return
     from krea2.commands import register
 
     register(app)

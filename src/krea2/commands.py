@@ -237,17 +237,24 @@ def merge(
 def pairs(
     out: Annotated[Path, typer.Option(help="The pairs file to write (.parquet); never overwritten.")],
     checkpoint: Annotated[str, typer.Option(help="The model to sample (world or a checkpoint folder).")] = "world",
-    prompts: Annotated[int, typer.Option(min=1, help="World prompts (long captions of fresh scenes).")] = 200,
+    prompts: Annotated[int, typer.Option(min=1, help="World prompts (long captions of fresh scenes; --kind style: "
+                                                     "the evaluation families' grammar, fresh seeds).")] = 200,
     group: Annotated[int, typer.Option(min=2, help="Images per prompt; best and worst make a pair.")] = 4,
     size: Annotated[int | None, typer.Option(min=8, help="Image side (default: the checkpoint's).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    kind: Annotated[str, typer.Option(help="onpolicy | offpolicy (ground-truth winner) | both")] = "onpolicy",
+    kind: Annotated[str, typer.Option(help="onpolicy | offpolicy (ground-truth winner) | both | style (drawn with "
+                                           "a style reference, judged by style accuracy minus leakage)")]
+    = "onpolicy",
     strict: Annotated[bool, typer.Option(help="Only pairs whose winner passes the checker and loser fails.")] = False,
+    style_encoder: Annotated[str | None, typer.Option(
+        help="--kind style: the style adapter to sample with (world or a `style` stage folder).",
+        show_default=False)] = None,
 ):
-    """Sample preference pairs from a model, judged by the world checker (for dpo / stpo stages)."""
+    """Sample preference pairs from a model, judged by the world checker (for dpo / stpo / style_po stages)."""
     from krea2.train.pairs import write_sampled_pairs
 
-    counts = write_sampled_pairs(checkpoint, out, prompts, group, size, seed, kind, strict)
+    counts = write_sampled_pairs(checkpoint, out, prompts, group, size, seed, kind, strict,
+                                 style_encoder=style_encoder)
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in counts.items()))
 

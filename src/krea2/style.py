@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ class StyleEncoder(nn.Module):
         if tokens < 1 or patch < 1 or side % patch or width % heads:
             raise Krea2Error("style encoder needs tokens >= 1, side divisible by patch and width by heads")
         self.patch, self.side = patch, side
+        self.config = {"tokens": tokens, "patch": patch, "width": width, "heads": heads, "side": side}
         self.embed = nn.Sequential(nn.Linear(3 * patch * patch, width), nn.GELU(), nn.Linear(width, width))
         self.queries = nn.Parameter(torch.randn(tokens, width) * 0.02)
         self.pool = nn.MultiheadAttention(width, heads, batch_first=True)
@@ -182,21 +184,23 @@ def check_style_encoder(encoder: StyleEncoder, model: nn.Module) -> None:
     check_lora(encoder.lora, model)
 
 
+def style_adapter_dir(spec) -> Path:
+    """The folder of a style adapter spec: `world` (the shipped adapter) or a path."""
+    return Path(__file__).resolve().parent / "assets" / "world_style" if str(spec) == "world" else Path(spec)
+
+
 def load_style_encoder(folder, device="cpu") -> StyleEncoder:
     """`world` (the adapter shipped for the `world` checkpoint) or the folder a `style` stage wrote
     (style_encoder.safetensors + style.json, and lora.safetensors when it trained a reference LoRA).
     Raises Krea2Error for a missing or damaged folder."""
     import json
-    from pathlib import Path
 
     from krea2.models.loading import read_safetensors
 
-    if str(folder) == "world":
-        folder = Path(__file__).resolve().parent / "assets" / "world_style"
-        if not (folder / "style.json").is_file():
-            raise Krea2Error(f"the world style adapter is not in this install ({folder}); build it with "
-                             "`make world-style`")
-    folder = Path(folder)
+    shipped, folder = str(folder) == "world", style_adapter_dir(folder)
+    if shipped and not (folder / "style.json").is_file():
+        raise Krea2Error(f"the world style adapter is not in this install ({folder}); build it with "
+                         "`make world-style`")
     cfg_file, weights = folder / "style.json", folder / "style_encoder.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise Krea2Error(f"{folder} holds no style encoder (style.json and style_encoder.safetensors); pass the "

@@ -319,6 +319,38 @@ def matches(det: Detection, record: dict) -> bool:
     return False
 
 
+FAILURES = ("background", "no object", "style", "missing object", "extra object", "shape", "color", "size",
+            "position", "relation")  # `failure`'s answers, in the order it tests them
+
+
+def failure(det: Detection, record: dict) -> str | None:
+    """Why `matches` rejects the image: the first of FAILURES that fails, None when it matches. Objects are judged
+    count first (no object, fewer, more than asked), then by the assignment of detected to asked objects that gets
+    the most attributes right: its first wrong attribute in the order shape, color, size, position; "relation" when
+    every attribute fits but no assignment satisfies the relations. A failure breakdown of an evaluation reads the
+    images this way (what the model gets wrong, not only how often)."""
+    if "background" in record and det.background != record["background"]:
+        return "background"
+    if not det.objects:  # before style: an image without objects has no style either
+        return "no object"
+    if "style" in record and det.style != record["style"]:
+        return "style"
+    slots = [i for i, o in enumerate(record["objects"]) for _ in range(o.get("count", 1))]
+    if len(det.objects) != len(slots):
+        return "missing object" if len(det.objects) < len(slots) else "extra object"
+    if matches(det, record):
+        return None
+    keys = ("shape", "color", "size", "position")
+    best, wrong = -1, "relation"
+    for perm in itertools.permutations(det.objects):
+        pairs = [(record["objects"][i], obj) for i, obj in zip(slots, perm)]
+        right = sum(getattr(obj, k) == spec[k] for spec, obj in pairs for k in keys if k in spec)
+        if right > best:
+            bad = [k for k in keys for spec, obj in pairs if k in spec and getattr(obj, k) != spec[k]]
+            best, wrong = right, bad[0] if bad else "relation"
+    return wrong
+
+
 def check(image, prompt_record: dict) -> bool:
     return matches(detect(image), prompt_record)
 

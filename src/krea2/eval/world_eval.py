@@ -43,10 +43,22 @@ def evaluate_images(records: Sequence[dict], images: Sequence) -> tuple[dict, li
     rows = []
     for rec, img in zip(records, images, strict=True):
         det = checker.detect(img)
-        rows.append({"prompt": rec["prompt"], "tag": rec["tag"], "correct": checker.matches(det, rec),
+        why = checker.failure(det, rec)
+        rows.append({"prompt": rec["prompt"], "tag": rec["tag"], "correct": why is None, "failure": why,
                      "background": det.background, "style": det.style,
                      "objects": [f"{o.size} {o.color} {o.shape} @ {o.position}" for o in det.objects]})
-    return checker.score_results(records, [r["correct"] for r in rows]), rows
+    summary = checker.score_results(records, [r["correct"] for r in rows])
+    return {**summary, "failures": failure_breakdown(rows)}, rows
+
+
+def failure_breakdown(rows: Sequence[dict]) -> dict:
+    """Failed images by reason (`checker.failure`), per tag and over all tags: {"all": {reason: n}, tag: {...}},
+    reasons in checker.FAILURES order, absent ones left out."""
+    out: dict[str, dict[str, int]] = {}
+    for key in ["all"] + sorted({r["tag"] for r in rows}, key=world.TAGS.index):
+        reasons = [r["failure"] for r in rows if r["failure"] and key in ("all", r["tag"])]
+        out[key] = {f: reasons.count(f) for f in checker.FAILURES if f in reasons}
+    return out
 
 
 def marked_grid(images: Sequence, correct: Sequence[bool], cols: int, scale: int = 2):
@@ -176,6 +188,8 @@ def format_summary(report: dict) -> list[str]:
         lines.append(f"{'diversity':14s} {report['diversity']:.3f}  (world-encoder spread across seeds of a prompt)")
     elif "diversity" in report:
         lines.append(f"{'diversity':14s} -  (not measured: needs --images-per-prompt >= 2)")
+    if report.get("failures", {}).get("all"):
+        lines.append(f"{'failures':14s} " + ", ".join(f"{k} {n}" for k, n in report["failures"]["all"].items()))
     if report.get("nfe") is not None:
         lines.append(f"{'nfe':14s} {report['nfe']}  ({report['seconds_per_image'] * 1000:.1f} ms sampling per image)")
     lines.append(f"overall {report['overall']:.4f}")

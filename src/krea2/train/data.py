@@ -35,7 +35,7 @@ from krea2.sampling import patchify
 
 CACHE_DTYPE = torch.bfloat16  # frozen text states: half the memory of fp32, far below the model's noise floor
 DATA_KINDS = {"world": "images", "emoji": "images", "rows": "images", "pairs": "pairs", "prompts": "prompts",
-              "triplets": "triplets"}  # source -> batch kind
+              "triplets": "triplets", "style_pairs": "style_pairs"}  # source -> batch kind
 SOURCES = tuple(DATA_KINDS)
 TEXT_PAD = 8  # text padded per batch in steps of 8 slots: few distinct shapes
 
@@ -54,7 +54,7 @@ class DataConfig:
     shapes: list[str] | None = None  # world: object shapes and colours to draw from (a concept for a LoRA)
     colors: list[str] | None = None
     rename: dict[str, str] | None = None  # world/emoji: caption phrase -> new words (bind a new word to a concept)
-    path: str = ""  # rows: the exported Parquet folder; pairs: a Parquet file or folder; prompts: a JSONL (optional)
+    path: str = ""  # rows: exported Parquet folder; (style_)pairs: Parquet file or folder; prompts: JSONL (optional)
     captions: dict[str, float] = field(default_factory=lambda: {"long": 0.7, "medium": 0.2, "short": 0.1})
     caption_dropout: float = 0.1  # replaced by the empty-prompt encoding, never zeros
 
@@ -80,7 +80,7 @@ class DataConfig:
                                  "their own scenes); remove it")
         if self.source not in SOURCES:
             raise ValueError(f"data source {self.source!r} unknown; choose one of {list(SOURCES)}")
-        if self.source in {"rows", "pairs"} and not self.path:
+        if self.source in {"rows", "pairs", "style_pairs"} and not self.path:
             raise ValueError(f"data source {self.source} needs path = the Parquet file or folder")
         if not self.resolutions or any(not isinstance(r, int) or r < 1 for r in self.resolutions):
             raise ValueError(f"size must be a positive integer or a list of them, got {self.size!r}")
@@ -134,6 +134,13 @@ class PairBatch:
     @property
     def size(self) -> int:
         return self.x0_w.shape[0]
+
+
+@dataclass
+class StylePairBatch(PairBatch):
+    """Preference pairs sampled with a style reference: winner and loser share the caption and the reference."""
+
+    images_ref: Tensor  # (B, 3, H, W) in [-1, 1]: the reference image both were drawn with
 
 
 @dataclass
@@ -257,8 +264,12 @@ def pool_examples(cfg: DataConfig, seed: int) -> list[Example]:
         from krea2.data.emoji import emoji_examples
 
         return [ex for side in sizes for ex in emoji_examples(side, limit=cfg.pool // len(sizes))]
-    if cfg.source == "pairs":
-        return read_pairs(cfg.path)[: cfg.pool]
+    if cfg.source in ("pairs", "style_pairs"):
+        examples = read_pairs(cfg.path)[: cfg.pool]
+        if cfg.source == "style_pairs" and not all("reference" in ex.meta for ex in examples):
+            raise Krea2Error(f"{cfg.path} holds pairs without reference images; sample style pairs with "
+                             "`krea2 pairs --kind style --style-encoder DIR`")
+        return examples
     if cfg.source == "triplets":
         return [ex for k, side in enumerate(sizes) for ex in world_triplets(
             cfg.pool // len(sizes), side, seed + k, n_objects=cfg.n_objects, n_weights=cfg.n_objects_weights,
@@ -314,7 +325,8 @@ class ImagePool:
         examples = pool_examples(cfg, seed)
         if not examples:
             raise Krea2Error(f"data source {cfg.source} gave no examples")
-        second = {"pairs": "loser", "triplets": "reference"}.get(cfg.source)
+        others = {"pairs": ["loser"], "triplets": ["reference"], "style_pairs": ["loser", "reference"]}.get(
+            cfg.source, [])
         # size buckets: every batch is drawn from one image shape (resolution/aspect), picked per step
         shapes = sorted({ex.image.shape for ex in examples})
         unit = autoencoder.compression * patch
@@ -325,7 +337,15 @@ class ImagePool:
         self.native = max(max(h, w) for h, w, _ in shapes)  # the side the stage's output is sampled at
         self.buckets = [torch.tensor([i for i, ex in enumerate(examples) if ex.image.shape == sh]) for sh in shapes]
         self.bucket_p = np.array([len(b) for b in self.buckets], dtype=np.float64) / len(examples)
-        views = (lambda ex: [ex.image, ex.meta[second]]) if second else (lambda ex: [ex.image])
+        for ex in examples:
+            for k in others:
+                if ex.meta[k].shape != ex.image.shape:
+                    raise Krea2Error(f"data source {cfg.source}: an example's {k} image is {ex.meta[k].shape[:2]}, "
+                                     f"its image {ex.image.shape[:2]}; write them at one size")
+
+        def views(ex):
+            return [ex.image] + [ex.meta[k] for k in others]
+
         # (n, views, H, W, 3) uint8 per bucket
         self.images = [torch.from_numpy(np.stack([np.stack(views(examples[i])) for i in b.tolist()]))
                        for b in self.buckets]
@@ -359,7 +379,7 @@ class ImagePool:
         return bucket, local, kind, drop
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1,
-              device="cpu") -> Batch | PairBatch | TripletBatch:
+              device="cpu") -> Batch | PairBatch | TripletBatch | StylePairBatch:
         """The global batch of `step`, of which this rank takes its disjoint slice."""
         part = rank_part(batch_size, rank, world)
         bucket, local, kind, drop = self.indices(step, batch_size)
@@ -371,10 +391,11 @@ class ImagePool:
         latent = self.latents[bucket][local].to(device)
         gh, gw = latent.shape[-2] // self.patch, latent.shape[-1] // self.patch
         context, txtmask = context.to(device), txtmask.to(device)
-        if self.cfg.source in ("pairs", "triplets"):
-            cls = PairBatch if self.cfg.source == "pairs" else TripletBatch
+        if self.cfg.source in ("pairs", "triplets", "style_pairs"):
+            cls = {"pairs": PairBatch, "triplets": TripletBatch, "style_pairs": StylePairBatch}[self.cfg.source]
+            extra = (images[:, 2],) if self.cfg.source == "style_pairs" else ()
             return cls(patchify(latent[:, 0], self.patch), patchify(latent[:, 1], self.patch), context, txtmask,
-                       images[:, 0], images[:, 1], gh, gw)
+                       images[:, 0], images[:, 1], gh, gw, *extra)
         return Batch(patchify(latent[:, 0], self.patch), context, txtmask, images[:, 0], gh, gw)
 
 
@@ -426,10 +447,11 @@ class RowStream:
 
 
 def write_pairs(path: str | Path, captions: list[str], winners: list[np.ndarray], losers: list[np.ndarray],
-                metas: list[dict] | None = None) -> Path:
+                metas: list[dict] | None = None, references: list[np.ndarray] | None = None) -> Path:
     """Write preference pairs as one Parquet file (PNG bytes, caption, meta JSON); atomic (temp file + rename).
 
-    winners/losers: (H, W, 3) uint8, a winner and its loser of the same shape."""
+    winners/losers: (H, W, 3) uint8, a winner and its loser of the same shape; references (optional, the same
+    shape): the style reference each pair was sampled with (a `style_pairs` data source)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -445,8 +467,16 @@ def write_pairs(path: str | Path, captions: list[str], winners: list[np.ndarray]
     for w, lo in zip(winners, losers):
         if w.shape != lo.shape:
             raise Krea2Error(f"a pair's images differ in shape: {w.shape} vs {lo.shape}")
-    table = pa.table({"caption": captions, "winner": [png(w) for w in winners], "loser": [png(x) for x in losers],
-                      "meta": [json.dumps(m) for m in (metas or [{}] * len(captions))]})
+    columns = {"caption": captions, "winner": [png(w) for w in winners], "loser": [png(x) for x in losers],
+               "meta": [json.dumps(m) for m in (metas or [{}] * len(captions))]}
+    if references is not None:
+        if len(references) != len(captions):
+            raise Krea2Error("write_pairs needs one reference per pair")
+        if any(r.shape != w.shape for r, w in zip(references, winners)):
+            raise Krea2Error("a pair's reference differs in shape from its winner; render references at the "
+                             "pairs' size")
+        columns["reference"] = [png(r) for r in references]
+    table = pa.table(columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -457,7 +487,8 @@ def write_pairs(path: str | Path, captions: list[str], winners: list[np.ndarray]
 
 def read_pairs(path: str | Path) -> list[Example]:
     """Pairs from a Parquet file or every *.parquet of a folder, as Examples: winner in `image`, loser in
-    meta["loser"], the caption as every caption kind."""
+    meta["loser"] (and the style reference, where the file has one, in meta["reference"]), the caption as every
+    caption kind."""
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -471,6 +502,8 @@ def read_pairs(path: str | Path) -> list[Example]:
             def rgb(b):
                 return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
             meta = {**json.loads(r["meta"] or "{}"), "loser": rgb(r["loser"])}
+            if r.get("reference") is not None:
+                meta["reference"] = rgb(r["reference"])
             out.append(Example(rgb(r["winner"]), dict.fromkeys(CAPTION_KINDS, r["caption"]), meta))
     return out
 

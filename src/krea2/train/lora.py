@@ -10,6 +10,7 @@ so later stages and `krea2 generate` can use it directly, the base with the adap
     rank = 32
     alpha = 32.0
     targets = "all"          # every Linear (264 on the 12B) | "attention" (blocks' wq/wk/wv/wo/gate, 140) | a regex
+    weights = ""             # start from a LoRA file (any format read_lora reads) instead of B = 0
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ class LoRAConfig:
     # sample grids also show the adapters on this checkpoint, with its own preset (train on the base, preview on
     # the Turbo student: "world-turbo"); "" = the trained model only
     preview: str = ""
+    # start the adapters from this LoRA file (musubi-tuner's --network_weights): continue an adapter's training, or a
+    # preference stage from its supervised adapter. Its modules must be the targets, its rank the rank; its alpha may
+    # differ (B is rescaled so ΔW is the file's). Roles that copy the policy's start (a DPO reference) get it merged
+    # in, so they start where the policy starts. "" = the init above
+    weights: str = ""
 
     def __post_init__(self):
         if self.rank < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
             raise ValueError("lora needs rank >= 1, alpha > 0 and dropout in [0, 1)")
         if self.init not in INITS:
             raise ValueError(f"lora init {self.init!r} unknown; choose one of {sorted(INITS)}")
+        if self.weights and self.init in BASE_SHIFTING_INITS:
+            raise ValueError(f"lora weights start the adapters from a file; init {self.init!r} would replace them")
         try:
             re.compile(TARGET_SETS.get(self.targets, self.targets))
         except re.error as e:
@@ -77,9 +85,41 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         model.__dict__[INITIAL] = {name: (m.lora_A["default"].weight.detach().cpu().clone(),
                                           m.lora_B["default"].weight.detach().cpu().clone())
                                    for name, m in model.named_modules() if hasattr(m, "base_layer")}
+    if cfg.weights:
+        load_initial_adapters(model, cfg)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     return model
+
+
+def initial_adapters(cfg: LoRAConfig, targets: list[str]):
+    """The LoRA file `cfg.weights` (a `krea2.models.lora.LoRA`), checked against the stage: it adapts exactly the
+    `targets` (official module names) at rank cfg.rank. One-line Krea2Error otherwise, or for a missing or damaged
+    file (`read_lora`)."""
+    from krea2.errors import Krea2Error
+    from krea2.models.lora import read_lora
+
+    lora = read_lora(cfg.weights)
+    if set(lora.modules) != set(targets):
+        extra, missing = sorted(set(lora.modules) - set(targets)), sorted(set(targets) - set(lora.modules))
+        raise Krea2Error(f"lora weights {cfg.weights} adapt other modules than targets {cfg.targets!r} select "
+                         f"(only in the file: {extra[:2]}, only in targets: {missing[:2]}); set targets to match")
+    if lora.ranks != [cfg.rank]:
+        raise Krea2Error(f"lora weights {cfg.weights} have rank {'/'.join(map(str, lora.ranks))}; set [stages.lora] "
+                         f"rank = {lora.ranks[0]} to start from them")
+    return lora
+
+
+def load_initial_adapters(model: nn.Module, cfg: LoRAConfig) -> None:
+    """Copy the LoRA file `cfg.weights` into the peft adapters of `model` (in place), B rescaled by the file's
+    scaling over cfg's so each ΔW is the file's (to float rounding). Krea2Error as `initial_adapters`."""
+    wrapped = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    lora = initial_adapters(cfg, list(wrapped))
+    with torch.no_grad():
+        for name, m in wrapped.items():
+            mod = lora.modules[name]
+            m.lora_A["default"].weight.copy_(mod.A)
+            m.lora_B["default"].weight.copy_(mod.B.float() * (mod.scaling / cfg.scaling))
 
 
 def initial_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -101,11 +141,20 @@ def relative_to_base(state: dict[str, Tensor], initial: dict | None) -> dict[str
     return out
 
 
-def lora_transform(cfg: LoRAConfig):
-    """The model set's transform: adapters on the policy only (reference, teacher and other roles stay as built)."""
+def lora_transform(cfg: LoRAConfig, policy_copies: tuple[str, ...] = ()):
+    """The model set's transform: adapters on the policy. The roles named in policy_copies (copies of the policy's
+    start, e.g. a DPO reference) get the `weights` file merged in when the adapters start from one, so they start
+    where the policy starts; other roles (a teacher checkpoint) stay as built."""
 
     def transform(role: str, model: nn.Module) -> nn.Module:
-        return inject_lora(model, cfg) if role == "policy" else model
+        if role == "policy":
+            return inject_lora(model, cfg)
+        if role in policy_copies and cfg.weights:
+            from krea2.models.lora import merge_lora
+
+            with torch.no_grad():
+                merge_lora(model, initial_adapters(cfg, lora_targets(model, cfg.targets)))
+        return model
 
     return transform
 

@@ -40,7 +40,7 @@ from krea2.train.config import Recipe, StageConfig
 from krea2.train.data import DATA_KINDS, build_data, token_count
 from krea2.train.guard import GuardConfig, SpikeGuard
 from krea2.train.health import HealthConfig, HealthMonitor, dit_train_flops, peak_flops
-from krea2.train.lora import fold_lora, initial_factors, lora_targets, lora_transform, save_adapters
+from krea2.train.lora import fold_lora, initial_adapters, initial_factors, lora_targets, lora_transform, save_adapters
 from krea2.train.models import build_model_set, load_master_weights
 from krea2.train.objectives import ObjectiveEnv, get_objective
 from krea2.train.watchdog import Watchdog
@@ -254,14 +254,16 @@ def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | No
     pcfg = stage.parallel(ctx.recipe.parallel)
     parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
     transforms = []
-    if stage.lora is not None:
-        if pcfg.tp > 1 and stage.lora.dropout > 0:
+    lora = objective_cls.lora_config(stage.objective, stage.lora)
+    if lora is not None:
+        if pcfg.tp > 1 and lora.dropout > 0:
             raise Krea2Error(f"stage {stage.name}: LoRA dropout with tensor parallel (tp={pcfg.tp}) would draw "
                              "different masks on TP peers; set [stages.lora] dropout = 0 or tp = 1")
         if not objective_cls.trains_policy and (stage.ema or stage.pma_k):
             raise Krea2Error(f"stage {stage.name}: EMA/PMA would average the {objective_cls.name} objective's LoRA "
                              "but not its own modules, a mismatched pair; set ema = 0 and pma_k = 0")
-        transforms.append(lora_transform(stage.lora))
+        copies = tuple(name for name, role in objective_cls.roles.items() if role.init == "policy")
+        transforms.append(lora_transform(lora, copies))
     mset = build_model_set(init, objective, ctx.dist.device, ctx.mesh,
                            pcfg.resolve(ctx.dist.world_size) if parallel_on else None, stage.ema, transforms)
     optimizers, specs = build_optimizers(objective, mset.models, stage)
@@ -578,21 +580,26 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
         if check_paths:  # a learnt reward's model (NAME:FOLDER) is loaded here, not after the policy is built
             from krea2.rewards import get_reward
 
-            for name in getattr(s.objective, "rewards", None) or {}:
-                try:
+            try:
+                for name in getattr(s.objective, "rewards", None) or {}:
                     get_reward(name)
-                except Krea2Error as e:
-                    raise Krea2Error(f"stage {s.name}: {e}") from None
+                getattr(s.objective, "check_files", lambda model: None)(cfg)  # files the objective starts from
+            except Krea2Error as e:
+                raise Krea2Error(f"stage {s.name}: {e}") from None
         try:  # the objective's own checks against the architecture, where it has any
             getattr(s.objective, "check", lambda model, steps: None)(cfg, s.steps)
         except ValueError as e:
             raise Krea2Error(f"stage {s.name}: {e}") from None
         s.parallel(recipe.parallel)
-        if s.lora is not None:
+        lora = objective.lora_config(s.objective, s.lora)
+        if lora is not None:
             try:
-                n_lora = len(lora_targets(model, s.lora.targets))
+                targets = lora_targets(model, lora.targets)
             except ValueError as e:
                 raise Krea2Error(f"stage {s.name}: {e}") from None
+            n_lora = len(targets)
+            if lora.weights and check_paths:
+                initial_adapters(lora, targets)
         tokens = "/".join(str((r // unit) ** 2) for r in s.data.resolutions)
         px = "/".join(str(r) for r in s.data.resolutions)
         lrs = [wsd_lr(k, s) for k in (0, s.warmup, s.steps - 1)]
@@ -604,5 +611,5 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
         lines.append(f"  {s.name}: {objective.name}, {s.steps} steps x {s.batch_size}, {px}px = {tokens} tokens, "
                      f"{s.precision}, lr {lrs[0]:.2e} -> {lrs[1]:.2e} -> {lrs[2]:.2e}, data {s.data.source}"
                      f"{roles}{extra}"
-                     + (f", LoRA rank {s.lora.rank} on {n_lora} Linears" if s.lora is not None else ""))
+                     + (f", LoRA rank {lora.rank} on {n_lora} Linears" if lora is not None else ""))
     return "\n".join(lines)

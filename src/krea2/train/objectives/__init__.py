@@ -1,7 +1,7 @@
 """Objectives by name: `[stages.objective] name = "..."` picks the class; the rest of the table is its Config.
 
     OBJECTIVES = {"flow": FlowMatching, "dpo": DiffusionDPO, "stpo": STPO, "grpo": FlowGRPO, "tdm": TDM,
-                  "dmd2": DMD2, "style": StyleAdapter}
+                  "dmd2": DMD2, "style": StyleAdapter, "style_po": StylePreference}
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from krea2.train.objectives.flow import FlowMatching
 from krea2.train.objectives.grpo import FlowGRPO
 from krea2.train.objectives.stpo import STPO
 from krea2.train.objectives.style import StyleAdapter
+from krea2.train.objectives.style_po import StylePreference
 from krea2.train.objectives.tdm import TDM
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls
                                           for cls in (FlowMatching, DiffusionDPO, STPO, FlowGRPO, TDM, DMD2,
-                                                      StyleAdapter)}
+                                                      StyleAdapter, StylePreference)}
 
 
 def get_objective(name: str, where: str = "") -> type[Objective]:

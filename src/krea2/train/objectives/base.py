@@ -94,10 +94,12 @@ class Objective(nn.Module):
     set `roles`, `data_kind` and `guard_metric` (the metric the spike guard judges; it must be in step's output).
 
     The Config's fields are typed (checked like every recipe table); it may have a `name` field (it then records
-    the name), an `irepa: IREPAConfig | bool | None` field (subclass `flow.Denoising` to use the term), and a
+    the name), an `irepa: IREPAConfig | bool | None` field (subclass `flow.Denoising` to use the term), a
     `check(model_cfg, steps)` method raising ValueError for settings that do not fit the architecture (run by
-    `krea2 train --validate`). Register a new objective by adding it to `krea2.train.objectives.OBJECTIVES`
-    (a plugin module imported before `train_recipe`, or a patch to the registry)."""
+    `krea2 train --validate`), and a `check_files(model_cfg)` method raising Krea2Error for files it starts from that
+    are missing or do not fit (run by --validate where it checks paths). Register a new objective by adding it to
+    `krea2.train.objectives.OBJECTIVES` (a plugin module imported before `train_recipe`, or a patch to the
+    registry)."""
 
     Config: ClassVar[type]
     name: ClassVar[str]
@@ -119,6 +121,13 @@ class Objective(nn.Module):
         """Sampling weights over the data source's pool for the next batch (None: uniform). Must be the same on
         every rank and a function of the objective's saved state, so resume stays exact."""
         return None
+
+    @classmethod
+    def lora_config(cls, cfg, lora):
+        """The stage's `[stages.lora]` (a `krea2.train.lora.LoRAConfig` or None) as this objective, with its Config
+        `cfg`, trains it; the default keeps it as written (a style preference stage starts the adapters from its
+        supervised adapter). Raises Krea2Error for a stage the objective cannot train (run by --validate too)."""
+        return lora
 
     def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
         """One optimiser named "policy" over the policy's trainable parameters and this objective's own."""

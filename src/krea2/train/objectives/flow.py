@@ -88,11 +88,15 @@ class Denoising(LossObjective):
         return self.irepa.weight(step) if self.irepa is not None else 0.0
 
     def velocity(self, model, x0: Tensor, noise: Tensor, t: Tensor, context: Tensor, txtmask: Tensor, gh: int,
-                 gw: int, hidden_layer: int | None = None):
-        """v(x_t, t) for x_t = (1 − t)·x0 + t·noise; with hidden_layer=k also block k's image tokens."""
+                 gw: int, hidden_layer: int | None = None, reference: Tensor | None = None):
+        """v(x_t, t) for x_t = (1 − t)·x0 + t·noise; with hidden_layer=k also block k's image tokens; reference
+        (B, Nr, features): style tokens as the reference segment (`krea2.style`)."""
         xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
-        pos, mask = joint_inputs(txtmask, gh, gw)
-        return model(xt, context, t, pos, mask, return_hidden=hidden_layer)
+        refmask = None if reference is None else torch.ones(reference.shape[:2], dtype=torch.bool, device=xt.device)
+        pos, mask = joint_inputs(txtmask, gh, gw, refmask)
+        if reference is None:  # the release's five inputs exactly
+            return model(xt, context, t, pos, mask, return_hidden=hidden_layer)
+        return model(xt, context, t, pos, mask, return_hidden=hidden_layer, reference=reference)
 
 
 class FlowMatching(Denoising):

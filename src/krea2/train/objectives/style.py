@@ -15,13 +15,12 @@ trainer writes the adapters as `lora.safetensors` in the same folder (`krea2.sty
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from krea2.sampling import joint_inputs
 from krea2.style import StyleEncoder
 from krea2.train.data import TripletBatch
 from krea2.train.objectives.base import Models
@@ -62,25 +61,27 @@ class StyleAdapter(Denoising):
         device = batch.x0.device
         t = self.timesteps(B, N, generator, device)
         noise = torch.randn(batch.x0.shape, generator=generator, device=device)
-        reference = self.encoder(batch.images_ref)
-        xt = (1 - t)[:, None, None] * batch.x0 + t[:, None, None] * noise
-        refmask = torch.ones(reference.shape[:2], dtype=torch.bool, device=device)
-        pos, mask = joint_inputs(batch.txtmask, batch.gh, batch.gw, refmask)
-        v = models.policy(xt, batch.context, t, pos, mask, reference=reference)
+        v = self.velocity(models.policy, batch.x0, noise, t, batch.context, batch.txtmask, batch.gh, batch.gw,
+                          reference=self.encoder(batch.images_ref))
         loss = flow_matching_loss(v, batch.x0, noise)
         return loss, {"loss/flow": loss.detach()}
 
     def export(self, stage_dir, write: bool) -> None:
-        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-              for k, v in self.encoder.state_dict().items()}
-        if not write:
-            return
-        from krea2.models.loading import atomic_write
+        export_style_encoder(self.encoder, self.env.model.features, stage_dir, write)
 
-        stage_dir = Path(stage_dir)
-        from safetensors.torch import save_file
 
-        atomic_write(stage_dir / ENCODER_FILE, lambda tmp: save_file(sd, tmp))
-        config = {k: v for k, v in asdict(self.cfg).items() if k in ("tokens", "patch", "width", "heads", "side")}
-        config["features"] = self.env.model.features
-        atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))
+def export_style_encoder(encoder: StyleEncoder, features: int, stage_dir, write: bool) -> None:
+    """style_encoder.safetensors and style.json into stage_dir (crash-safe; gathered on every rank, written where
+    `write`): what `krea2.style.load_style_encoder` reads beside the stage's lora.safetensors."""
+    from safetensors.torch import save_file
+
+    from krea2.models.loading import atomic_write
+
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+          for k, v in encoder.state_dict().items()}
+    if not write:
+        return
+    stage_dir = Path(stage_dir)
+    atomic_write(stage_dir / ENCODER_FILE, lambda tmp: save_file(sd, tmp))
+    config = {**encoder.config, "features": features}
+    atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))

@@ -1,0 +1,137 @@
+"""Style preference optimisation: DPO / STPO on pairs sampled with a style reference (Krea 2's second style step).
+
+The report trains its style system self-supervised, then with a preference-optimisation step. Ours: the supervised
+adapter (`style.py`: a style encoder and a reference LoRA on the frozen base) samples G images per prompt and
+reference; `krea2 pairs --kind style` judges them by style accuracy minus leakage (the exact checker: the image is in
+the reference's style; it holds no reference object the prompt did not ask for) and keeps the best and the worst
+(`krea2.train.pairs.sample_style_pairs`). This objective then runs STPO (or Diffusion-DPO, `method = "dpo"`) on
+those pairs with the reference segment in every pass:
+
+    policy     v_θ(x_t | text, E_θ(ref))      the encoder and the reference LoRA being trained (base frozen)
+    reference  v_0(x_t | text, E_0(ref))      the supervised adapter as it started (encoder and LoRA frozen)
+
+so the implicit reward is how much more the adapter now prefers the winner than it did, and strength 0 (no reference
+pass) stays the base model exactly. The stage starts from `adapter`: its encoder is copied into the trained and the
+frozen encoder, and its LoRA starts the trained adapters (`lora_config` sets `[stages.lora] weights`), which the
+trainer also merges into the frozen `ref` role (a copy of the policy's start). The stage writes the same folder layout
+as a `style` stage (style_encoder.safetensors, style.json, lora.safetensors), so `--style-encoder` takes it as is.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from krea2.errors import Krea2Error
+from krea2.style import load_style_encoder, style_adapter_dir
+from krea2.train.data import StylePairBatch
+from krea2.train.objectives.base import Models
+from krea2.train.objectives.dpo import DiffusionDPO
+from krea2.train.objectives.stpo import STPO, STPOConfig
+from krea2.train.objectives.style import export_style_encoder
+
+METHODS = ("stpo", "dpo")
+
+
+@dataclass
+class StylePOConfig(STPOConfig):
+    name: str = "style_po"
+    adapter: str = ""  # the supervised style adapter to start from: `world` or a `style` stage's folder
+    method: str = "stpo"  # stpo | dpo (STPO's anchor / trust / scale_loser apply to stpo only)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.adapter:
+            raise ValueError("style_po needs adapter = the style adapter to start from (world or a style stage's "
+                             "folder)")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown; choose one of {list(METHODS)}")
+
+    def check_files(self, model) -> None:
+        """--validate (where it checks paths): the adapter loads, fits the DiT's width and has a reference LoRA."""
+        load_adapter(self.adapter, model.features)
+
+
+class StylePreference(STPO):
+    Config = StylePOConfig
+    name = "style_po"
+    data_kind = "style_pairs"
+    guard_metric = "loss/dpo"
+    trains_policy = False  # the base stays frozen; the encoder and the stage's LoRA train
+
+    def __init__(self, cfg: StylePOConfig, env):
+        super().__init__(cfg, env)
+        start = load_adapter(cfg.adapter, env.model.features)
+        self.encoder = copy.deepcopy(start).train().requires_grad_(True)
+        self.ref_encoder = start.eval().requires_grad_(False)
+        # the adapter's files as this run started from them: a resume checks them (the reference is rebuilt from them)
+        self.register_buffer("adapter_digest", adapter_digest(cfg.adapter))
+        self.files_digest = self.adapter_digest.clone()  # a resume restores the buffer; the files must still match
+
+    @classmethod
+    def lora_config(cls, cfg: StylePOConfig, lora):
+        """The trained adapters start as the supervised adapter's LoRA (policy = reference at step 0)."""
+        if lora is None:
+            raise Krea2Error("style_po trains the reference LoRA: add [stages.lora] with the adapter's rank and "
+                             "targets")
+        weights = str(style_adapter_dir(cfg.adapter) / "lora.safetensors")
+        if lora.weights and Path(lora.weights).resolve() != Path(weights).resolve():
+            raise Krea2Error(f"[stages.lora] weights {lora.weights} is not the adapter's LoRA {weights}; leave it "
+                             "empty (style_po sets it)")
+        return replace(lora, weights=weights)
+
+    def pair_velocities(self, models: Models, batch: StylePairBatch, generator: torch.Generator):
+        """As Diffusion-DPO's (shared t, noise and text for winner and loser), with the reference segment: the
+        trained encoder in the policy pass, the starting one in the reference pass (whose DiT holds the starting
+        LoRA merged in)."""
+        if not torch.equal(self.adapter_digest.cpu(), self.files_digest):
+            raise Krea2Error(f"style adapter {self.cfg.adapter} changed since this run started; resume with the "
+                             "adapter it started from or start a new --out")
+        B, N, _ = batch.x0_w.shape
+        device = batch.x0_w.device
+        t = self.timesteps(B, N, generator, device)
+        noise = torch.randn(batch.x0_w.shape, generator=generator, device=device).repeat(2, 1, 1)
+        x0 = torch.cat([batch.x0_w, batch.x0_l])
+        args = (x0, noise, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
+                batch.gw)
+        v = self.velocity(models.policy, *args, reference=self.encoder(batch.images_ref).repeat(2, 1, 1))
+        with torch.no_grad():
+            tokens = self.ref_encoder(batch.images_ref).repeat(2, 1, 1)
+            v_ref = self.velocity(models["ref"], *args, reference=tokens)
+        return t, noise - x0, v, v_ref
+
+    def loss(self, models: Models, batch: StylePairBatch, step: int, generator: torch.Generator
+             ) -> tuple[Tensor, dict]:
+        loss_fn = STPO.loss if self.cfg.method == "stpo" else DiffusionDPO.loss
+        return loss_fn(self, models, batch, step, generator)
+
+    def export(self, stage_dir, write: bool) -> None:
+        export_style_encoder(self.encoder, self.env.model.features, stage_dir, write)
+
+
+def load_adapter(spec: str, features: int):
+    """The style adapter a preference stage starts from (`krea2.style.load_style_encoder`), checked: made for a DiT
+    of width `features`, with a reference LoRA. One-line Krea2Error otherwise."""
+    start = load_style_encoder(spec)
+    width = start.out[-1].out_features
+    if width != features:
+        raise Krea2Error(f"style adapter {spec} was trained for a DiT of width {width}, not {features}; train one "
+                         "for this base")
+    if start.lora is None:
+        raise Krea2Error(f"style adapter {spec} has no reference LoRA (lora.safetensors); the preference step "
+                         "trains one, so start from an adapter trained with [stages.lora]")
+    return start
+
+
+def adapter_digest(spec: str) -> Tensor:
+    """SHA-256 (32 uint8) of the adapter's weight files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("style_encoder.safetensors", "lora.safetensors"):
+        h.update((style_adapter_dir(spec) / name).read_bytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
