@@ -5,8 +5,8 @@ screenshot. `.ci/run` installs chromium where it is missing; elsewhere the test 
 from __future__ import annotations
 
 import io
+import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +16,9 @@ from test_serve import server
 from krea2.pipeline import load_pipeline
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
+# the README's screenshot is refreshed only when asked (KREA2_SCREENSHOT=docs/serve.png): a test run never
+# changes tracked files
+SCREENSHOT = os.environ.get("KREA2_SCREENSHOT")
 
 
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs "
@@ -66,5 +68,5 @@ def test_the_page_generates_images_in_chromium(tmp_path):
         box = arr[y + 8:y + h - 8, x + 8:x + w - 8]
         assert box.shape == (h - 16, w - 16, 3), f"image at {r} outside the {shot.size} screenshot"
         assert len(np.unique(box.reshape(-1, 3), axis=0)) >= 3 and box.std() > 10
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    shot.save(SCREENSHOT)
+    if SCREENSHOT:
+        shot.save(SCREENSHOT)
