@@ -55,10 +55,12 @@ class DiffusionDPO(Denoising):
     data_kind = "pairs"
     guard_metric = "loss/dpo"
 
-    def pair_velocities(self, models: Models, batch: PairBatch, generator: torch.Generator):
+    def pair_velocities(self, models: Models, batch: PairBatch, generator: torch.Generator,
+                        reference: Tensor | None = None, ref_reference: Tensor | None = None):
         """Winner and loser in one forward (shared t, noise and text) through the policy and, without grad, the
-        reference. Returns t (B,), the target ε − x0 (2B, N, D) and the velocities v_θ, v_ref (2B, N, D), winners
-        first."""
+        reference. reference / ref_reference (B, Nr, features): style tokens for the policy's and the reference's
+        pass (`style_po`), shared by a pair. Returns t (B,), the target ε − x0 (2B, N, D) and the velocities v_θ,
+        v_ref (2B, N, D), winners first."""
         B, N, _ = batch.x0_w.shape
         device = batch.x0_w.device
         t = self.timesteps(B, N, generator, device)
@@ -66,9 +68,13 @@ class DiffusionDPO(Denoising):
         x0 = torch.cat([batch.x0_w, batch.x0_l])
         args = (x0, noise, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
                 batch.gw)
-        v = self.velocity(models.policy, *args)
+
+        def pair(tokens: Tensor | None) -> Tensor | None:
+            return None if tokens is None else tokens.repeat(2, 1, 1)
+
+        v = self.velocity(models.policy, *args, reference=pair(reference))
         with torch.no_grad():
-            v_ref = self.velocity(models["ref"], *args)
+            v_ref = self.velocity(models["ref"], *args, reference=pair(ref_reference))
         return t, noise - x0, v, v_ref
 
     def loss(self, models: Models, batch: PairBatch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:

@@ -91,18 +91,9 @@ class StylePreference(STPO):
         if not torch.equal(self.adapter_digest.cpu(), self.files_digest):
             raise Krea2Error(f"style adapter {self.cfg.adapter} changed since this run started; resume with the "
                              "adapter it started from or start a new --out")
-        B, N, _ = batch.x0_w.shape
-        device = batch.x0_w.device
-        t = self.timesteps(B, N, generator, device)
-        noise = torch.randn(batch.x0_w.shape, generator=generator, device=device).repeat(2, 1, 1)
-        x0 = torch.cat([batch.x0_w, batch.x0_l])
-        args = (x0, noise, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
-                batch.gw)
-        v = self.velocity(models.policy, *args, reference=self.encoder(batch.images_ref).repeat(2, 1, 1))
         with torch.no_grad():
-            tokens = self.ref_encoder(batch.images_ref).repeat(2, 1, 1)
-            v_ref = self.velocity(models["ref"], *args, reference=tokens)
-        return t, noise - x0, v, v_ref
+            ref_tokens = self.ref_encoder(batch.images_ref)
+        return super().pair_velocities(models, batch, generator, self.encoder(batch.images_ref), ref_tokens)
 
     def loss(self, models: Models, batch: StylePairBatch, step: int, generator: torch.Generator
              ) -> tuple[Tensor, dict]:
