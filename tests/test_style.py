@@ -142,6 +142,8 @@ def test_style_stage_trains_the_encoder_only_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values()))
     with pytest.raises(Krea2Error, match="holds no style encoder"):
         load_style_encoder(tmp_path)
+    with pytest.raises(Krea2Error, match="does not exist; train one"):
+        load_style_encoder(tmp_path / "nowhere")
 
 
 @pytest.mark.slow

@@ -330,6 +330,10 @@ def test_pairs_round_trip(tmp_path):
     assert len(pairs) == 3 and pairs[0].image.shape == pairs[0].meta["loser"].shape == (16, 16, 3)
     with pytest.raises(Krea2Error, match="no pairs"):
         read_pairs(tmp_path / "missing.parquet")
+    for bad in (b"", b"PAR1 not really"):  # empty or damaged: one line naming the file, not pyarrow's traceback
+        (tmp_path / "bad.parquet").write_bytes(bad)
+        with pytest.raises(Krea2Error, match="bad.parquet is not a readable pairs file"):
+            read_pairs(tmp_path / "bad.parquet")
 
 
 @pytest.mark.slow

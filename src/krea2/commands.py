@@ -38,7 +38,8 @@ def generate(
     style_strength: Annotated[float | None, typer.Option(
         help="Style strength in [0, 1] (0: the base model; default 0.5).", show_default=False)] = None,
     style_encoder: Annotated[str | None, typer.Option(
-        help="The style adapter: world (shipped, for the world checkpoint) or a `style` stage folder.",
+        help="The style adapter: world (shipped, for the world checkpoint) or the folder of a style / style_po "
+             "stage (runs/OUT/STAGE, e.g. runs/world-style-po/po).",
         show_default=False)] = None,
     expand: Annotated[str, typer.Option(
         help="Prompt expansion: raw (none) | low | medium | high; each image gets its own expansion.")] = "raw",
@@ -80,7 +81,7 @@ def generate(
         if not 0 <= (style_strength if style_strength is not None else 0.5) <= 1:
             raise Krea2Error(f"--style-strength must be in [0, 1], got {style_strength}")
         if style_encoder is None:
-            raise Krea2Error("--style-ref needs --style-encoder (the folder of a `style` training stage)")
+            raise Krea2Error("--style-ref needs --style-encoder (world, or the folder of a style / style_po stage)")
         encoder = load_style_encoder(style_encoder)
         references = [read_reference(spec) for spec in style_ref]
     try:  # before loading and sampling, so a bad path costs nothing
@@ -247,10 +248,12 @@ def pairs(
     = "onpolicy",
     strict: Annotated[bool, typer.Option(help="Only pairs whose winner passes the checker and loser fails.")] = False,
     style_encoder: Annotated[str | None, typer.Option(
-        help="--kind style: the style adapter to sample with (world or a `style` stage folder).",
+        help="--kind style: the style adapter to sample with, at strength 1 (world or the folder of a style / "
+             "style_po stage); --checkpoint must be the base it was trained for.",
         show_default=False)] = None,
 ):
-    """Sample preference pairs from a model, judged by the world checker (for dpo / stpo / style_po stages)."""
+    """Sample preference pairs from a model, judged by the world checker (for dpo / stpo stages); --kind style:
+    drawn with a style reference, judged by style accuracy minus leakage (for a style_po stage)."""
     from krea2.train.pairs import write_sampled_pairs
 
     counts = write_sampled_pairs(checkpoint, out, prompts, group, size, seed, kind, strict,
@@ -273,7 +276,8 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Largest width x height per image (and per style reference "
                                            "upload, checked before decoding).")] = 1024 * 1024,
     style_encoder: Annotated[str | None, typer.Option(
-        help="A style adapter (world or a `style` stage folder): enables the `style_refs` field.",
+        help="A style adapter (world or the folder of a style / style_po stage, runs/OUT/STAGE): enables the "
+             "`style_refs` field.",
         show_default=False)] = None,
     lora: Annotated[list[str] | None, typer.Option(
         help="Load a LoRA, FILE or NAME=FILE (switched off); requests turn it on with "

@@ -55,7 +55,7 @@ class ServeConfig:
     max_pixels: int = 1024 * 1024  # width x height per image
     max_prompt_chars: int = 2000
     retry_after_s: int = 2
-    style_encoder: str | None = None  # world or a `style` stage folder: enables `style_refs`
+    style_encoder: str | None = None  # world or a style / style_po stage folder: enables `style_refs`
     loras: tuple[str, ...] = ()  # FILE or NAME=FILE, loaded at start (scale 0); requests switch them on by name
 
     def __post_init__(self):

@@ -202,9 +202,12 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
         raise Krea2Error(f"the world style adapter is not in this install ({folder}); build it with "
                          "`make world-style`")
     cfg_file, weights = folder / "style.json", folder / "style_encoder.safetensors"
+    if not folder.exists():
+        raise Krea2Error(f"style adapter {folder} does not exist; train one (`make world-style`: recipes/"
+                         "world-style.toml) or pass world")
     if not cfg_file.is_file() or not weights.is_file():
         raise Krea2Error(f"{folder} holds no style encoder (style.json and style_encoder.safetensors); pass the "
-                         "folder of a `style` training stage")
+                         "folder of a style / style_po training stage (runs/OUT/STAGE)")
     try:
         cfg = json.loads(cfg_file.read_text())
         encoder = StyleEncoder(cfg["features"], cfg["tokens"], cfg["patch"], cfg["width"], cfg["heads"], cfg["side"])

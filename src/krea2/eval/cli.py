@@ -53,7 +53,7 @@ def world(
 
 @app.command("style")
 def style(
-    style_encoder: Annotated[str, typer.Option(help="world (the shipped adapter) or a `style` stage folder "
+    style_encoder: Annotated[str, typer.Option(help="world (the shipped adapter) or a style / style_po stage folder "
                                                "(style.json, style_encoder.safetensors[, lora.safetensors]).")
                              ] = "world",
     checkpoint: Annotated[str, typer.Option(help="The base model the encoder was trained for.")] = "world",

@@ -29,6 +29,10 @@ def train(
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(f"final checkpoint: {final}")
+        run = out or Path("runs") / r.name
+        for s in r.stages:  # what a stage wrote besides the DiT, where users look for it
+            if (run / s.name / "style.json").is_file():
+                typer.echo(f"style adapter: {run / s.name} (use --style-encoder {run / s.name})")
 
 
 def train_ae(

@@ -495,10 +495,15 @@ def read_pairs(path: str | Path) -> list[Example]:
     path = Path(path)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
-        raise Krea2Error(f"no pairs at {path}: write them with krea2.train.data.write_pairs (a .parquet file)")
+        raise Krea2Error(f"no pairs at {path}: make them with `krea2 pairs` (or krea2.train.data.write_pairs)")
     out = []
     for f in files:
-        for r in pq.read_table(f).to_pylist():
+        try:
+            rows = pq.read_table(f).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise Krea2Error(f"{f} is not a readable pairs file ({str(e).splitlines()[0][:120]}); make it again "
+                             "with `krea2 pairs`") from None
+        for r in rows:
             def rgb(b):
                 return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
             meta = {**json.loads(r["meta"] or "{}"), "loser": rgb(r["loser"])}

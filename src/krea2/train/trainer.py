@@ -575,8 +575,6 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
         if bad:
             raise Krea2Error(f"stage {s.name}: size(s) {bad} are not multiples of the token size {unit} px")
         objective = stage_objective(s)
-        if check_paths and s.data.path and not Path(s.data.path).exists():
-            raise Krea2Error(f"stage {s.name}: data path {s.data.path} does not exist (source {s.data.source})")
         if check_paths:  # a learnt reward's model (NAME:FOLDER) is loaded here, not after the policy is built
             from krea2.rewards import get_reward
 
@@ -586,6 +584,11 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
                 getattr(s.objective, "check_files", lambda model: None)(cfg)  # files the objective starts from
             except Krea2Error as e:
                 raise Krea2Error(f"stage {s.name}: {e}") from None
+            if s.data.path and not Path(s.data.path).exists():
+                make = {"pairs": "krea2 pairs", "style_pairs": "krea2 pairs --kind style",
+                        "rows": "krea2 curate export"}.get(s.data.source)
+                raise Krea2Error(f"stage {s.name}: data path {s.data.path} does not exist (source {s.data.source})"
+                                 + (f"; make it with `{make}`" if make else ""))
         try:  # the objective's own checks against the architecture, where it has any
             getattr(s.objective, "check", lambda model, steps: None)(cfg, s.steps)
         except ValueError as e:
