@@ -198,6 +198,13 @@ def test_pipeline_refuses_loras_on_a_quantized_dit():
     pipe = Pipeline(quantize_dit(tiny_model(), "fp8"), None, None, None, 32)
     with pytest.raises(Krea2Error, match="fp8-quantised"):
         pipe.load_lora("nope.safetensors")
+    # merging would add ΔW to the stored 8-bit values without their scales: refused where the rule lives
+    from krea2.models.lora import LoRA, LoRAModule, lora_modules, merge_lora
+
+    name, (out_f, in_f) = next(iter(lora_modules(tiny_model()).items()))
+    lora = LoRA({name: LoRAModule(torch.zeros(2, in_f), torch.zeros(out_f, 2), 2.0)})
+    with pytest.raises(Krea2Error, match="int8-quantised"):
+        merge_lora(quantize_dit(tiny_model(), "int8"), lora)
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------

@@ -123,13 +123,9 @@ class Pipeline:
         """
         from pathlib import Path
 
-        from krea2.models.lora import LoRA, active_loras, apply_lora, read_lora
-        from krea2.models.quantize import quantized_format
+        from krea2.models.lora import LoRA, active_loras, apply_lora, read_lora, refuse_quantized
 
-        fmt = quantized_format(self.model)
-        if fmt is not None:  # the LoRA hooks run in the adapted Linear's weight dtype, here fp8 / int8
-            raise Krea2Error(f"LoRAs cannot be applied to a {fmt}-quantised DiT yet; merge the LoRA into the "
-                             "high-precision checkpoint (krea2 lora merge) and quantise the result")
+        refuse_quantized(self.model)  # before reading the file: the refusal does not depend on it
         if not isinstance(lora, LoRA):
             path = Path(lora)
             lora = read_lora(path, self.model)

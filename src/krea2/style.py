@@ -175,12 +175,7 @@ def check_style_encoder(encoder: StyleEncoder, model: nn.Module) -> None:
     if encoder.lora is None:
         return
     from krea2.models.lora import check_lora
-    from krea2.models.quantize import quantized_format
 
-    fmt = quantized_format(model)
-    if fmt is not None:
-        raise Krea2Error(f"this style encoder's reference LoRA cannot run on a {fmt}-quantised DiT yet; load the "
-                         "checkpoint without --quantize")
     check_lora(encoder.lora, model)
 
 

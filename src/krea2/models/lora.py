@@ -508,8 +508,22 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return mod
 
 
+def refuse_quantized(model: nn.Module) -> None:
+    """A LoRA cannot go on an 8-bit DiT: its hooks compute in the adapted weight's dtype (fp8 / int8) and a merge
+    would add ΔW to the stored integers without their scales. One-line Krea2Error saying what to do instead."""
+    from krea2.models.quantize import quantized_format
+
+    fmt = quantized_format(model)
+    if fmt is not None:
+        raise Krea2Error(f"LoRAs cannot be applied to a {fmt}-quantised DiT yet; load the checkpoint without "
+                         "--quantize, or merge the LoRA into the high-precision checkpoint (krea2 lora merge) and "
+                         "quantise the result")
+
+
 def check_lora(lora: LoRA, model: nn.Module) -> None:
-    """Every module of the LoRA exists in the model with its shapes; one-line Krea2Error otherwise."""
+    """Every module of the LoRA exists in the model with its shapes, and the model is not 8-bit
+    (`refuse_quantized`); one-line Krea2Error otherwise."""
+    refuse_quantized(model)
     targets = lora_modules(model)
     for name, m in lora.modules.items():
         if name not in targets:
