@@ -33,10 +33,16 @@ from krea2.sampling import (
 Progress = Callable[[int, int], None]  # (steps done, total steps) over the whole call
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8 as the release scales them (values outside are clamped,
+    NaN is black): the one rounding every saved image, reward canvas and pairs file uses."""
+    x = torch.nan_to_num(images.detach().float(), nan=-1.0)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> B RGB PIL images, as the release scales them (values outside are clamped)."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+    """(B, 3, H, W) in [-1, 1] -> B RGB PIL images (`to_uint8`)."""
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in to_uint8(images)]
 
 
 def image_grid(images: list[Image.Image] | torch.Tensor, cols: int | None = None, pad: int = 2) -> Image.Image:

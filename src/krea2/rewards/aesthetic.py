@@ -105,8 +105,9 @@ def _to_tensor(arrays: Sequence[np.ndarray]) -> Tensor:
 def quantize(images: Tensor) -> Tensor:
     """(B, 3, H, W) in [-1, 1] -> the same on the 8-bit grid (as a saved image, and as renders are): the classifier
     trains and scores on this, so a sample's off-grid floats can never be its cue. NaN becomes -1 (black)."""
-    x = torch.nan_to_num(images.detach().float().cpu(), nan=-1.0)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    from krea2.pipeline import to_uint8
+
+    return torch.from_numpy(to_uint8(images)).movedim(-1, -3).float() / 127.5 - 1
 
 
 @torch.no_grad()

@@ -22,8 +22,9 @@ def to_canvases(images: Tensor) -> list[np.ndarray]:
     """(B, 3, H, W) in [-1, 1] -> B arrays (H, W, 3) uint8, rounded as krea2.pipeline.to_pil rounds generated images."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise Krea2Error(f"a world reward needs images (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(arr.permute(0, 2, 3, 1).cpu().numpy())
+    from krea2.pipeline import to_uint8
+
+    return list(to_uint8(images))
 
 
 def _check_batch(images: Tensor, records: Sequence[dict]) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from krea2.errors import Krea2Error
+from krea2.pipeline import to_uint8
 from krea2.train.data import PROMPT_SEED, write_pairs
 
 KINDS = ("onpolicy", "offpolicy", "both", "style")
@@ -48,7 +49,7 @@ def sample_pairs(pipe, n_prompts: int, group_size: int = 4, size: int | None = N
         images = pipe.generate(prompts, seed=seed * 1_000_003 + start * group_size, width=size, height=size)
         r = score(images, records).view(len(chunk), group_size)
         ok = passes(images, records).view(len(chunk), group_size)
-        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = to_uint8(images)
         pixels = pixels.reshape(len(chunk), group_size, *pixels.shape[1:])
         for i, ex in enumerate(chunk):
             best, worst = int(r[i].argmax()), int(r[i].argmin())
@@ -110,8 +111,7 @@ def sample_style_pairs(pipe, encoder, n_prompts: int, group_size: int = 4, seed:
         best, worst = int(r.argmax()), int(r.argmin())
         if r[best] == r[worst]:
             continue
-        pixels_u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        ref_u8 = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels_u8, ref_u8 = to_uint8(images), to_uint8(pixels[0])
         captions.append(rec["prompt"])
         winners.append(pixels_u8[best])
         losers.append(pixels_u8[worst])
