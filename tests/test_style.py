@@ -386,6 +386,14 @@ def test_style_preference_starts_at_ln2_from_the_adapter_and_trains_encoder_and_
 
     recipe = parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [{**stage, "steps": 5}]})
     assert "style_po, 5 steps" in validate_recipe(recipe)
+    from krea2.train.data import read_pairs, write_pairs
+
+    exs = read_pairs(pairs)  # the same pairs without their references: --validate reads the schema and refuses
+    plain = write_pairs(tmp_path / "plain.parquet", [e.captions["long"] for e in exs], [e.image for e in exs],
+                        [e.meta["loser"] for e in exs])
+    no_refs = {**stage, "data": {"source": "style_pairs", "path": str(plain)}}
+    with pytest.raises(Krea2Error, match=r"lacks column\(s\) \['reference'\]"):
+        validate_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [no_refs]}))
     shutil.copytree(tmp_path / "sup" / "style", tmp_path / "bare", ignore=shutil.ignore_patterns("lora.*"))
     bare = {**stage, "objective": {**stage["objective"], "adapter": str(tmp_path / "bare")}}
     with pytest.raises(Krea2Error, match="has no reference LoRA"):

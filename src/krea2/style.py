@@ -52,7 +52,8 @@ class StyleEncoder(nn.Module):
         if tokens < 1 or patch < 1 or side % patch or width % heads:
             raise Krea2Error("style encoder needs tokens >= 1, side divisible by patch and width by heads")
         self.patch, self.side = patch, side
-        self.config = {"tokens": tokens, "patch": patch, "width": width, "heads": heads, "side": side}
+        self.config = {"features": features, "tokens": tokens, "patch": patch, "width": width, "heads": heads,
+                       "side": side}
         self.embed = nn.Sequential(nn.Linear(3 * patch * patch, width), nn.GELU(), nn.Linear(width, width))
         self.queries = nn.Parameter(torch.randn(tokens, width) * 0.02)
         self.pool = nn.MultiheadAttention(width, heads, batch_first=True)

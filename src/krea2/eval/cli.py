@@ -30,7 +30,8 @@ def world(
     size: Annotated[int | None, typer.Option(help="Image side in px (default: the model's native side).")] = None,
     fid: Annotated[bool, typer.Option(help="Also report FID against world renders.")] = True,
 ):
-    """Sample the world prompts, score them with the exact checker; prints per-tag accuracy, overall last."""
+    """Sample the world prompts, score them with the exact checker; prints per-tag accuracy and a failures line (why
+    failed images fail; per tag in the JSON report), overall last."""
     from krea2.commands import note_snapped_size
     from krea2.eval.checker import load_prompts
     from krea2.eval.world_eval import check_size, evaluate_pipeline, format_summary, prompts_path, write_report

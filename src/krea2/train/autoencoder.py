@@ -32,6 +32,7 @@ from krea2.errors import Krea2Error
 from krea2.eval.world_encoder import to_tensor
 from krea2.models.autoencoders import LATENT_STATS, WorldAutoencoder, world_ae_class
 from krea2.models.checkpoint import publish_dir
+from krea2.pipeline import to_uint8
 from krea2.train import checkpoint as ckpt
 
 
@@ -87,13 +88,6 @@ class AEConfig:
 
 
 # --------------------------------------------------------------------------------------------------------- data
-def to_uint8(x: Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as a saved PNG."""
-    from krea2.rewards.world import to_canvases
-
-    return np.stack(to_canvases(x))
-
-
 def world_renders(n: int, size: int, seed: int, styles=None) -> tuple[Tensor, list]:
     """n fresh world renders (every style unless restricted) and their scenes; deterministic in seed."""
     from krea2.data import world

@@ -22,7 +22,7 @@ from krea2.errors import Krea2Error
 from krea2.pipeline import to_uint8
 from krea2.train.data import PROMPT_SEED, write_pairs
 
-KINDS = ("onpolicy", "offpolicy", "both", "style")
+KINDS = ("onpolicy", "offpolicy", "both")  # sample_pairs; "style" is sample_style_pairs
 
 
 def sample_pairs(pipe, n_prompts: int, group_size: int = 4, size: int | None = None, seed: int = 0,
@@ -32,9 +32,8 @@ def sample_pairs(pipe, n_prompts: int, group_size: int = 4, size: int | None = N
     from krea2.data.world import world_examples
     from krea2.rewards import get_reward
 
-    if kind not in KINDS or kind == "style":
-        raise Krea2Error(f"pair kind {kind!r} unknown here; choose one of {list(KINDS[:3])} (style pairs: "
-                         "sample_style_pairs)")
+    if kind not in KINDS:
+        raise Krea2Error(f"pair kind {kind!r} unknown; choose one of {list(KINDS)}")
     if group_size < 2 or n_prompts < 1:
         raise Krea2Error("needs --group >= 2 and --prompts >= 1")
     size = size or pipe.resolution
@@ -131,24 +130,30 @@ def write_sampled_pairs(checkpoint: str, out: str | Path, n_prompts: int, group_
     out = Path(out)
     if out.exists():
         raise Krea2Error(f"{out} exists; choose another --out (pairs are never overwritten)")
-    if kind not in KINDS:
-        raise Krea2Error(f"pair kind {kind!r} unknown; choose one of {list(KINDS)}")
-    if (kind == "style") != (style_encoder is not None):
-        raise Krea2Error("--kind style needs --style-encoder (and --style-encoder only goes with --kind style)")
-    if kind == "style" and (strict or size):
-        raise Krea2Error("--kind style samples at the checkpoint's size and has no --strict")
-    if kind == "style":  # a bad adapter fails before the checkpoint loads
+    if kind not in (*KINDS, "style"):
+        raise Krea2Error(f"pair kind {kind!r} unknown; choose one of {[*KINDS, 'style']}")
+    if kind == "style" and style_encoder is None:
+        raise Krea2Error("--kind style needs --style-encoder (the adapter to sample with)")
+    if kind != "style" and style_encoder is not None:
+        raise Krea2Error("--style-encoder only goes with --kind style")
+    if kind == "style":
         from krea2.style import check_style_encoder, load_style_encoder
 
-        encoder = load_style_encoder(style_encoder)
-    pipe = load_pipeline(checkpoint)
-    references = None
-    if kind == "style":
+        if size:
+            raise Krea2Error("--size does not go with --kind style (it samples at the checkpoint's size)")
+        if strict:
+            raise Krea2Error("--strict does not go with --kind style")
+        encoder = load_style_encoder(style_encoder)  # a bad adapter fails before the checkpoint loads
+        if encoder.lora is None:  # a style_po stage needs it: refuse before sampling, not after
+            raise Krea2Error(f"style adapter {style_encoder} has no reference LoRA (lora.safetensors); style pairs "
+                             "feed a style_po stage, which trains it: train the adapter with [stages.lora]")
+        pipe = load_pipeline(checkpoint)
         encoder = encoder.to(pipe.device)
         check_style_encoder(encoder, pipe.model)
         captions, winners, losers, metas, references = sample_style_pairs(pipe, encoder, n_prompts, group_size,
                                                                           seed, progress=progress)
     else:
+        pipe, references = load_pipeline(checkpoint), None
         captions, winners, losers, metas = sample_pairs(pipe, n_prompts, group_size, size, seed, kind=kind,
                                                         strict=strict, progress=progress)
     if not captions:

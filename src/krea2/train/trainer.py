@@ -554,6 +554,27 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
     return out / "final"
 
 
+def check_pairs_file(path: str, source: str, stage: str) -> None:
+    """--validate: a pairs file (or folder of them) has the columns its source reads, from the Parquet schemas only;
+    one-line Krea2Error naming the stage otherwise."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
+    need = {"caption", "winner", "loser"} | ({"reference"} if source == "style_pairs" else set())
+    if not files:
+        raise Krea2Error(f"stage {stage}: no pairs at {path}; make them with `krea2 pairs`")
+    for f in files:
+        try:
+            missing = need - set(pq.read_schema(f).names)
+        except (OSError, ValueError) as e:
+            raise Krea2Error(f"stage {stage}: {f} is not a readable pairs file ({str(e).splitlines()[0][:100]}); "
+                             "make it again with `krea2 pairs`") from None
+        if missing:
+            make = "krea2 pairs --kind style" if source == "style_pairs" else "krea2 pairs"
+            raise Krea2Error(f"stage {stage}: {f} lacks column(s) {sorted(missing)} that data source {source} "
+                             f"reads; make it with `{make}`")
+
+
 def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
     """Build every stage on the meta device (model, optimiser groups, schedule, data shapes) without running it.
     check_paths: also require every stage's data path to exist (off for recipes whose data earlier steps make)."""
@@ -584,6 +605,8 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
                 getattr(s.objective, "check_files", lambda model: None)(cfg)  # files the objective starts from
             except Krea2Error as e:
                 raise Krea2Error(f"stage {s.name}: {e}") from None
+            if s.data.source in ("pairs", "style_pairs") and Path(s.data.path).exists():
+                check_pairs_file(s.data.path, s.data.source, s.name)
             if s.data.path and not Path(s.data.path).exists():
                 make = {"pairs": "krea2 pairs", "style_pairs": "krea2 pairs --kind style",
                         "rows": "krea2 curate export"}.get(s.data.source)
@@ -602,7 +625,10 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
                 raise Krea2Error(f"stage {s.name}: {e}") from None
             n_lora = len(targets)
             if lora.weights and check_paths:
-                initial_adapters(lora, targets)
+                try:
+                    initial_adapters(lora, targets)
+                except Krea2Error as e:
+                    raise Krea2Error(f"stage {s.name}: {e}") from None
         tokens = "/".join(str((r // unit) ** 2) for r in s.data.resolutions)
         px = "/".join(str(r) for r in s.data.resolutions)
         lrs = [wsd_lr(k, s) for k in (0, s.warmup, s.steps - 1)]

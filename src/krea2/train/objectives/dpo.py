@@ -68,13 +68,10 @@ class DiffusionDPO(Denoising):
         x0 = torch.cat([batch.x0_w, batch.x0_l])
         args = (x0, noise, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
                 batch.gw)
-
-        def pair(tokens: Tensor | None) -> Tensor | None:
-            return None if tokens is None else tokens.repeat(2, 1, 1)
-
-        v = self.velocity(models.policy, *args, reference=pair(reference))
+        v = self.velocity(models.policy, *args, reference=None if reference is None else reference.repeat(2, 1, 1))
         with torch.no_grad():
-            v_ref = self.velocity(models["ref"], *args, reference=pair(ref_reference))
+            v_ref = self.velocity(models["ref"], *args,
+                                  reference=None if ref_reference is None else ref_reference.repeat(2, 1, 1))
         return t, noise - x0, v, v_ref
 
     def loss(self, models: Models, batch: PairBatch, step: int, generator: torch.Generator) -> tuple[Tensor, dict]:

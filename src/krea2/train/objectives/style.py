@@ -67,10 +67,10 @@ class StyleAdapter(Denoising):
         return loss, {"loss/flow": loss.detach()}
 
     def export(self, stage_dir, write: bool) -> None:
-        export_style_encoder(self.encoder, self.env.model.features, stage_dir, write)
+        export_style_encoder(self.encoder, stage_dir, write)
 
 
-def export_style_encoder(encoder: StyleEncoder, features: int, stage_dir, write: bool) -> None:
+def export_style_encoder(encoder: StyleEncoder, stage_dir, write: bool) -> None:
     """style_encoder.safetensors and style.json into stage_dir (crash-safe; gathered on every rank, written where
     `write`): what `krea2.style.load_style_encoder` reads beside the stage's lora.safetensors."""
     from safetensors.torch import save_file
@@ -83,5 +83,4 @@ def export_style_encoder(encoder: StyleEncoder, features: int, stage_dir, write:
         return
     stage_dir = Path(stage_dir)
     atomic_write(stage_dir / ENCODER_FILE, lambda tmp: save_file(sd, tmp))
-    config = {**encoder.config, "features": features}
-    atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))
+    atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(encoder.config, indent=1) + "\n"))

@@ -71,6 +71,7 @@ class StylePreference(STPO):
         # the adapter's files as this run started from them: a resume checks them (the reference is rebuilt from them)
         self.register_buffer("adapter_digest", adapter_digest(cfg.adapter))
         self.files_digest = self.adapter_digest.clone()  # a resume restores the buffer; the files must still match
+        self.digest_checked = False  # once, at the first step (after any resume); not on every step
 
     @classmethod
     def lora_config(cls, cfg: StylePOConfig, lora):
@@ -88,9 +89,11 @@ class StylePreference(STPO):
         """As Diffusion-DPO's (shared t, noise and text for winner and loser), with the reference segment: the
         trained encoder in the policy pass, the starting one in the reference pass (whose DiT holds the starting
         LoRA merged in)."""
-        if not torch.equal(self.adapter_digest.cpu(), self.files_digest):
-            raise Krea2Error(f"style adapter {self.cfg.adapter} changed since this run started; resume with the "
-                             "adapter it started from or start a new --out")
+        if not self.digest_checked:
+            if not torch.equal(self.adapter_digest.cpu(), self.files_digest):
+                raise Krea2Error(f"style adapter {self.cfg.adapter} changed since this run started; resume with the "
+                                 "adapter it started from or start a new --out")
+            self.digest_checked = True
         with torch.no_grad():
             ref_tokens = self.ref_encoder(batch.images_ref)
         return super().pair_velocities(models, batch, generator, self.encoder(batch.images_ref), ref_tokens)
@@ -101,20 +104,21 @@ class StylePreference(STPO):
         return loss_fn(self, models, batch, step, generator)
 
     def export(self, stage_dir, write: bool) -> None:
-        export_style_encoder(self.encoder, self.env.model.features, stage_dir, write)
+        export_style_encoder(self.encoder, stage_dir, write)
 
 
 def load_adapter(spec: str, features: int):
     """The style adapter a preference stage starts from (`krea2.style.load_style_encoder`), checked: made for a DiT
     of width `features`, with a reference LoRA. One-line Krea2Error otherwise."""
     start = load_style_encoder(spec)
-    width = start.out[-1].out_features
+    width = start.config["features"]
     if width != features:
         raise Krea2Error(f"style adapter {spec} was trained for a DiT of width {width}, not {features}; train one "
                          "for this base")
     if start.lora is None:
         raise Krea2Error(f"style adapter {spec} has no reference LoRA (lora.safetensors); the preference step "
                          "trains one, so start from an adapter trained with [stages.lora]")
+    start.lora = None  # the stage's [stages.lora] weights carry it (lora_config)
     return start
 
 
