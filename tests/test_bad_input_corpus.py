@@ -38,6 +38,12 @@ CASES = [
      "method 'ipo' unknown"),
     (["train", "recipes/world-style-po.toml", "--set", "stages.0.objective.adapter=", "--validate"],
      "style_po needs adapter"),
+    (["train", "recipes/world-style.toml", "--set", "stages.0.objective.backbone=hf:{tmp}/none", "--validate"],
+     "not found locally (no config.json)"),
+    (["train", "recipes/world-style.toml", "--set", "stages.0.objective.backbone={tmp}/none", "--validate"],
+     "use hf:PATH"),
+    (["train", "recipes/world-style.toml", "--set", "stages.0.objective.injection=crossattn", "--validate"],
+     "style injection 'crossattn' unknown"),
     # F: recipe values, caught by --validate as the run would
     (["train", "recipes/world-turbo.toml", "--set", "stages.0.save_every=0", "--validate"], "save_every >= 1"),
     (["train", "recipes/world-turbo.toml", "--set", "stages.0.objective.student_steps=0", "--validate"],

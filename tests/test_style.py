@@ -396,7 +396,7 @@ def test_style_preference_starts_at_ln2_from_the_adapter_and_trains_encoder_and_
         validate_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [no_refs]}))
     shutil.copytree(tmp_path / "sup" / "style", tmp_path / "bare", ignore=shutil.ignore_patterns("lora.*"))
     bare = {**stage, "objective": {**stage["objective"], "adapter": str(tmp_path / "bare")}}
-    with pytest.raises(Krea2Error, match="has no reference LoRA"):
+    with pytest.raises(Krea2Error, match="neither a reference LoRA"):
         validate_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [bare]}))
     for d in ("po/final", "final"):
         shutil.rmtree(tmp_path / "run" / d)

@@ -14,6 +14,9 @@ strength 0-1, a weight per reference, negative references):
 - a reference LoRA (trained with the encoder, `[stages.lora]` in the style stage) is active in the reference passes
   only: a frozen base never attends to a segment it was not trained with, so the adapter teaches the base's attention
   to read it, while v_base (and strength 0) stays the release model exactly.
+The other injection the field uses, a per-block adapter with a zero-initialised output (IP-Adapter's decoupled
+cross-attention, `BlockAdapter`), is built too (`injection = "adapter"` in a style stage) and was measured against
+the segment (BENCHMARKS.md "Style references"): it replaces the segment, its hooks run in the reference passes only.
 Each v_* is the text-guided velocity of `krea2.sampling.guided_velocity` with the same reference in both branches,
 so text guidance and style strength stay separate knobs.
 """
@@ -37,59 +40,174 @@ from krea2.sampling import Conditioning, guided_velocity
 class StyleEncoder(nn.Module):
     """Reference images (B, 3, H, W) in [-1, 1] -> style tokens (B, tokens, features) in the DiT's width.
 
-    A set encoder over `patch` x `patch` pixel patches (images resized to `side` first): each patch is embedded on
-    its own, with no position, and `tokens` learned queries pool the set by attention. As a function of the multiset
-    of patches it cannot see where anything is: layout is discarded by construction (what StyleShot gets from
-    shuffling patches), leaving what patches look like (stroke, texture, fill, background). Which objects a
-    reference holds can still show in its patch statistics; training pairs a target with a reference of the same
-    style and other objects, under captions that name the target's objects, so copying the reference's objects
-    only costs loss, and `krea2 eval style` measures the leakage that remains.
+    A set encoder: patch features are embedded on their own, with no position, and `tokens` learned queries pool the
+    set by attention. As a function of the multiset of patches it cannot see where anything is: layout is discarded
+    by construction (what StyleShot gets from shuffling patches), leaving what patches look like (stroke, texture,
+    fill, background). The patches are either `patch` x `patch` pixel patches of the reference resized to `side`
+    (the world's encoder, trained in the project), or the patch tokens of a transformers vision backbone
+    (`backbone`, a `krea2.models.vision.VisionBackbone`: SigLIP, DINOv2, Qwen3-VL's vision tower; frozen unless
+    `train_backbone`) whose input tiles are first put in a canonical order (`canonical_tiles`), so its position
+    embeddings and attention see the same mosaic whatever the reference's layout. Which objects a reference holds
+    can still show in its patch statistics; training pairs a target with a reference of the same style and other
+    objects, under captions that name the target's objects, so copying the reference's objects only costs loss, and
+    `krea2 eval style` measures the leakage that remains. `injection`: how the tokens enter the DiT (the module
+    docstring; "adapter" adds a `BlockAdapter` for the DiT's `layers` blocks).
     """
 
     def __init__(self, features: int, tokens: int = 4, patch: int = 4, width: int = 128, heads: int = 4,
-                 side: int = 32):
+                 side: int = 32, injection: str = "segment", layers: int = 0, adapter_width: int = 64,
+                 backbone: nn.Module | None = None, train_backbone: bool = False):
         super().__init__()
         if tokens < 1 or patch < 1 or side % patch or width % heads:
             raise Krea2Error("style encoder needs tokens >= 1, side divisible by patch and width by heads")
+        if injection not in INJECTIONS or injection == "adapter" and (layers < 1 or adapter_width < 1):
+            raise Krea2Error(f"style injection must be one of {list(INJECTIONS)}; 'adapter' needs the DiT's layers "
+                             "and adapter_width >= 1")
         self.patch, self.side = patch, side
         self.config = {"features": features, "tokens": tokens, "patch": patch, "width": width, "heads": heads,
-                       "side": side}
-        self.embed = nn.Sequential(nn.Linear(3 * patch * patch, width), nn.GELU(), nn.Linear(width, width))
+                       "side": side, "injection": injection}
+        if injection == "adapter":
+            self.config.update(layers=layers, adapter_width=adapter_width)
+        self.backbone, self.train_backbone = backbone, train_backbone
+        if backbone is not None:
+            mean, std = backbone.mean_std
+            self.config["backbone"] = {"model_type": backbone.model.config.model_type, "side": backbone.side,
+                                       "mean": list(mean), "std": list(std), "train": train_backbone}
+            backbone.requires_grad_(train_backbone)
+        inputs = backbone.dim if backbone is not None else 3 * patch * patch
+        self.embed = nn.Sequential(nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, width))
         self.queries = nn.Parameter(torch.randn(tokens, width) * 0.02)
         self.pool = nn.MultiheadAttention(width, heads, batch_first=True)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, features))
+        # per-block cross-attention in place of the reference segment (None: the tokens are the segment)
+        self.adapter = BlockAdapter(features, layers, adapter_width) if injection == "adapter" else None
         self.lora = None  # the reference LoRA (krea2.models.lora.LoRA) trained with this encoder, if any
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None and not self.train_backbone:
+            self.backbone.eval()  # a frozen backbone keeps its dropout off
+        return self
+
+    def patches(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> the unordered patch set (B, P, inputs) the encoder pools."""
+        if self.backbone is not None:
+            return self.backbone(images, before=lambda x: canonical_tiles(x, self.backbone.patch))
+        x = images.float()
+        if x.shape[-2:] != (self.side, self.side):
+            x = F.interpolate(x, size=(self.side, self.side), mode="area")
+        return F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, P, 3·p²), row order dropped below
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise Krea2Error(f"style references must be (B, 3, H, W) images, got shape {tuple(images.shape)}")
-        x = images.float()
-        if x.shape[-2:] != (self.side, self.side):
-            x = F.interpolate(x, size=(self.side, self.side), mode="area")
-        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, P, 3·p²), row order dropped below
-        h = self.embed(patches)
-        pooled, _ = self.pool(self.queries.expand(len(x), -1, -1), h, h, need_weights=False)
+        h = self.embed(self.patches(images).float())
+        pooled, _ = self.pool(self.queries.expand(len(images), -1, -1), h, h, need_weights=False)
         return self.out(pooled)
+
+    @property
+    def injection(self) -> dict:
+        """How the tokens enter the DiT, as `mix_references` and `reference_pass` take it: {"lora", "adapter"}."""
+        return {"lora": self.lora, "adapter": self.adapter}
+
+
+INJECTIONS = ("segment", "adapter")
+
+
+def canonical_tiles(x: Tensor, tile: int) -> Tensor:
+    """(B, C, S, S) with S divisible by tile -> the same tiles rearranged in one canonical order (sorted by mean
+    value, a fixed projection breaking ties), so any rearrangement of the tiles gives the same image: a backbone that
+    reads the result cannot see the reference's layout, only its tiles."""
+    B, C, S, _ = x.shape
+    g = S // tile
+    t = x.unfold(2, tile, tile).unfold(3, tile, tile).permute(0, 2, 3, 1, 4, 5).reshape(B, g * g, C * tile * tile)
+    w = torch.linspace(-1, 1, t.shape[-1], device=x.device, dtype=t.dtype)
+    order = (t.mean(-1) + 1e-3 * (t * w).mean(-1)).argsort(dim=1, stable=True)
+    t = t.gather(1, order[..., None].expand_as(t))
+    return t.reshape(B, g, g, C, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(B, C, S, S)
+
+
+class BlockAdapter(nn.Module):
+    """Per-block decoupled cross-attention from image tokens to style tokens (IP-Adapter, arXiv 2308.06721), the
+    alternative to the reference segment: after DiT block i, the image tokens h (B, N, features) gain
+    o_i(softmax(q_i(LN h) k_i(r)ᵀ / √width) v_i(r)), r the style tokens (B or 1, Nr, features). Every o_i starts
+    at zero, so a fresh adapter is the base model exactly and training starts from it. Attached from outside by
+    forward hooks on `model.blocks` (`attached`), the DiT's code and its release path untouched."""
+
+    def __init__(self, features: int, layers: int, width: int = 64):
+        super().__init__()
+        self.width = width
+        self.q = nn.ModuleList(nn.Linear(features, width, bias=False) for _ in range(layers))
+        self.kv = nn.ModuleList(nn.Linear(features, 2 * width, bias=False) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(width, features) for _ in range(layers))
+        for o in self.o:
+            nn.init.zeros_(o.weight)
+            nn.init.zeros_(o.bias)
+
+    def delta(self, i: int, h: Tensor, tokens: Tensor) -> Tensor:
+        """Block i's addition to image tokens h (B, N, features), in h's dtype."""
+        dtype = self.o[i].weight.dtype
+        q = self.q[i](F.layer_norm(h.to(dtype), h.shape[-1:]))
+        k, v = self.kv[i](tokens.to(dtype)).expand(len(h), -1, -1).chunk(2, dim=-1)
+        return self.o[i](F.scaled_dot_product_attention(q, k, v)).to(h.dtype)
+
+    @contextmanager
+    def attached(self, model: nn.Module, tokens: Tensor, n_image: int):
+        """The model with this adapter after each block for the duration: the last n_image tokens of a block's
+        output (the image segment) gain `delta`. Krea2Error if the model's block count differs."""
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or len(blocks) != len(self.q):
+            raise Krea2Error(f"this style adapter was trained for a DiT with {len(self.q)} blocks; the model has "
+                             f"{'none' if blocks is None else len(blocks)}")
+
+        def hook(i):
+            def add(module, args, out):
+                return torch.cat([out[:, :-n_image], out[:, -n_image:] + self.delta(i, out[:, -n_image:], tokens)], 1)
+            return add
+
+        handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(blocks)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def reference_pass(model, tokens: Tensor, n_image: int, lora=None, adapter: BlockAdapter | None = None):
+    """The model set up for a pass with style tokens (B or 1, Nr, features): the reference LoRA added and, with a
+    block adapter, its hooks attached (yields None: no segment); without one, yields the tokens, to be the reference
+    segment."""
+    with reference_lora(model, lora):
+        if adapter is None:
+            yield tokens
+            return
+        with adapter.attached(model, tokens, n_image):
+            yield None
 
 
 @dataclass
 class StyleMix:
     """What sampling needs from a set of references: the positive and negative averaged tokens (1, Nr, features)
     (None where there are none), the negative references' total weight, the strength, and the reference LoRA that the
-    reference passes run with (None: the base model reads the segment as it is)."""
+    reference passes run with (None: the base model reads the segment as it is) and the block adapter that takes
+    the tokens instead of the segment (None: the tokens are the segment)."""
 
     positive: Tensor | None
     negative: Tensor | None
     negative_weight: float
     strength: float
     lora: object | None = None
+    adapter: BlockAdapter | None = None
 
 
-def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength: float, lora=None) -> StyleMix:
+def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength: float, lora=None,
+                   adapter: BlockAdapter | None = None) -> StyleMix:
     """Style tokens of each reference ((1, Nr, features) or (Nr, features)) with their weights -> a StyleMix.
 
     Positive weights are normalised to sum 1 (relative), negative ones likewise among themselves, their total
-    magnitude kept as the push-away scale. lora: the encoder's reference LoRA (`StyleEncoder.lora`). Raises
+    magnitude kept as the push-away scale. lora, adapter: the encoder's reference LoRA and block adapter
+    (`StyleEncoder.lora`, `.adapter`; pass `**encoder.injection`). Raises
     Krea2Error for mismatched lengths, non-finite or all-zero weights, a strength outside [0, 1], or more than 10
     references (the API's limit)."""
     import math
@@ -112,11 +230,11 @@ def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength:
 
     positive, _ = average(1)
     negative, negative_weight = average(-1)
-    if lora is not None and negative is not None and positive is None:
-        # the push-away term would also push against the LoRA's own shift (v_ref is the base without it)
+    if (lora is not None or adapter is not None) and negative is not None and positive is None:
+        # the push-away term would also push against the LoRA's (or adapter's) own shift (v_ref is the base without it)
         raise Krea2Error("negative style references alone cannot be used with this style encoder (it has a "
-                         "reference LoRA); add a positive reference")
-    return StyleMix(positive, negative, negative_weight, float(strength), lora)
+                         "reference LoRA or block adapter); add a positive reference")
+    return StyleMix(positive, negative, negative_weight, float(strength), lora, adapter)
 
 
 def with_reference(cond: Conditioning, tokens: Tensor, gh: int, gw: int) -> Conditioning:
@@ -136,9 +254,11 @@ def styled_velocity(model: Callable, x: Tensor, t: Tensor, cond: Conditioning, u
 
     def with_tokens(tokens: Tensor) -> Tensor:
         tokens = tokens.to(device=x.device, dtype=x.dtype)
-        c = with_reference(cond, tokens, gh, gw)
-        u = None if uncond is None else with_reference(uncond, tokens, gh, gw)
-        with reference_lora(model, mix.lora):
+        with reference_pass(model, tokens, x.shape[1], mix.lora, mix.adapter) as segment:
+            if segment is None:
+                return guided_velocity(model, x, t, cond, uncond, guidance)
+            c = with_reference(cond, segment, gh, gw)
+            u = None if uncond is None else with_reference(uncond, segment, gh, gw)
             return guided_velocity(model, x, t, c, u, guidance)
 
     v_ref = with_tokens(mix.positive) if mix.positive is not None else v_base
@@ -170,9 +290,17 @@ def reference_lora(model, lora):
 
 
 def check_style_encoder(encoder: StyleEncoder, model: nn.Module) -> None:
-    """A style encoder's reference LoRA must fit the DiT it will run on (module names and shapes) and the DiT must
-    not be 8-bit (the LoRA hooks compute in the adapted weight's dtype); one-line Krea2Error otherwise. Call it once
-    the pipeline is loaded, before sampling."""
+    """A style encoder must fit the DiT it will run on: its width, its block adapter's block count, its reference
+    LoRA's module names and shapes, and the DiT must not be 8-bit for a LoRA (the hooks compute in the adapted
+    weight's dtype); one-line Krea2Error otherwise. Call it once the pipeline is loaded, before sampling."""
+    features = getattr(getattr(model, "cfg", None), "features", None)
+    if features is not None and features != encoder.config["features"]:
+        raise Krea2Error(f"this style adapter was trained for a DiT of width {encoder.config['features']}, the model "
+                         f"is {features} wide; train one for this base")
+    blocks = getattr(model, "blocks", None)
+    if encoder.adapter is not None and (blocks is None or len(blocks) != len(encoder.adapter.q)):
+        raise Krea2Error(f"this style adapter was trained for a DiT with {len(encoder.adapter.q)} blocks; the model "
+                         f"has {'none' if blocks is None else len(blocks)}")
     if encoder.lora is None:
         return
     from krea2.models.lora import check_lora
@@ -206,8 +334,11 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
                          "folder of a style / style_po training stage (runs/OUT/STAGE)")
     try:
         cfg = json.loads(cfg_file.read_text())
-        encoder = StyleEncoder(cfg["features"], cfg["tokens"], cfg["patch"], cfg["width"], cfg["heads"], cfg["side"])
-    except (ValueError, KeyError, TypeError) as e:
+        backbone = cfg.pop("backbone", None)
+        if backbone is not None:
+            cfg.update(backbone=saved_backbone(folder, backbone), train_backbone=backbone["train"])
+        encoder = StyleEncoder(**cfg)
+    except (ValueError, KeyError, TypeError, OSError, Krea2Error) as e:
         raise Krea2Error(f"{cfg_file} is damaged ({type(e).__name__}: {e}); re-export the style stage") from None
     sd = read_safetensors(weights)
     missing = sorted(set(encoder.state_dict()) ^ set(sd))
@@ -219,6 +350,20 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
 
         encoder.lora = read_lora(folder / "lora.safetensors")
     return encoder.to(device).eval().requires_grad_(False)
+
+
+BACKBONE_DIR = "backbone"  # a style adapter's vision backbone config (its weights are in style_encoder.safetensors)
+
+
+def saved_backbone(folder: Path, spec: dict) -> nn.Module:
+    """The vision backbone of a saved style adapter, architecture from folder/backbone/config.json (weights
+    follow with the encoder's)."""
+    from transformers import AutoConfig, AutoModel
+
+    from krea2.models.vision import VisionBackbone
+
+    cfg = AutoConfig.from_pretrained(folder / BACKBONE_DIR, local_files_only=True)
+    return VisionBackbone(AutoModel.from_config(cfg), spec["mean"], spec["std"], spec["side"])
 
 
 def decode_reference(data: bytes, what: str, max_pixels: int = 64 * 1024 * 1024) -> Tensor:

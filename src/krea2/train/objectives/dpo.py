@@ -56,11 +56,12 @@ class DiffusionDPO(Denoising):
     guard_metric = "loss/dpo"
 
     def pair_velocities(self, models: Models, batch: PairBatch, generator: torch.Generator,
-                        reference: Tensor | None = None, ref_reference: Tensor | None = None):
+                        reference: Tensor | None = None, ref_reference: Tensor | None = None, adapter=None,
+                        ref_adapter=None):
         """Winner and loser in one forward (shared t, noise and text) through the policy and, without grad, the
         reference. reference / ref_reference (B, Nr, features): style tokens for the policy's and the reference's
-        pass (`style_po`), shared by a pair. Returns t (B,), the target ε − x0 (2B, N, D) and the velocities v_θ,
-        v_ref (2B, N, D), winners first."""
+        pass (`style_po`), shared by a pair, through block adapters adapter / ref_adapter where given. Returns t
+        (B,), the target ε − x0 (2B, N, D) and the velocities v_θ, v_ref (2B, N, D), winners first."""
         B, N, _ = batch.x0_w.shape
         device = batch.x0_w.device
         t = self.timesteps(B, N, generator, device)
@@ -68,9 +69,10 @@ class DiffusionDPO(Denoising):
         x0 = torch.cat([batch.x0_w, batch.x0_l])
         args = (x0, noise, t.repeat(2), batch.context.repeat(2, 1, 1, 1), batch.txtmask.repeat(2, 1), batch.gh,
                 batch.gw)
-        v = self.velocity(models.policy, *args, reference=None if reference is None else reference.repeat(2, 1, 1))
+        v = self.velocity(models.policy, *args, reference=None if reference is None else reference.repeat(2, 1, 1),
+                          adapter=adapter)
         with torch.no_grad():
-            v_ref = self.velocity(models["ref"], *args,
+            v_ref = self.velocity(models["ref"], *args, adapter=ref_adapter,
                                   reference=None if ref_reference is None else ref_reference.repeat(2, 1, 1))
         return t, noise - x0, v, v_ref
 

@@ -88,10 +88,16 @@ class Denoising(LossObjective):
         return self.irepa.weight(step) if self.irepa is not None else 0.0
 
     def velocity(self, model, x0: Tensor, noise: Tensor, t: Tensor, context: Tensor, txtmask: Tensor, gh: int,
-                 gw: int, hidden_layer: int | None = None, reference: Tensor | None = None):
+                 gw: int, hidden_layer: int | None = None, reference: Tensor | None = None, adapter=None):
         """v(x_t, t) for x_t = (1 − t)·x0 + t·noise; with hidden_layer=k also block k's image tokens; reference
-        (B, Nr, features): style tokens as the reference segment (`krea2.style`)."""
+        (B, Nr, features): style tokens as the reference segment, or through `adapter` (a `krea2.style.BlockAdapter`)
+        when given (`krea2.style`)."""
         xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        if adapter is not None:
+            from krea2.style import reference_pass
+
+            with reference_pass(model, reference, xt.shape[1], adapter=adapter):
+                return self.velocity(model, x0, noise, t, context, txtmask, gh, gw, hidden_layer)
         refmask = None if reference is None else torch.ones(reference.shape[:2], dtype=torch.bool, device=xt.device)
         pos, mask = joint_inputs(txtmask, gh, gw, refmask)
         if reference is None:  # the release's five inputs exactly

@@ -14,29 +14,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from krea2.errors import Krea2Error
+from krea2.models.vision import VisionBackbone, load_vision_backbone
 
 
 class HFVisionTeacher(nn.Module):
-    """Patch tokens of a transformers vision backbone (DINOv2/DINOv3/SigLIP) as a (B, D, gh, gw) grid."""
+    """Patch tokens of a transformers vision backbone (`krea2.models.vision`: DINOv2/DINOv3, SigLIP, Qwen3-VL's
+    vision tower) as a (B, D, g, g) grid."""
 
-    def __init__(self, model: nn.Module, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    def __init__(self, backbone: VisionBackbone):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        cfg = model.config
-        self.patch, self.size = cfg.patch_size, cfg.image_size
-        self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(std)[None, :, None, None], persistent=False)
+        self.backbone = backbone.eval().requires_grad_(False)
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.backbone.dim
 
     def features(self, images: Tensor) -> Tensor:
-        x = F.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        tokens = self.model(pixel_values=(x - self.mean) / self.std).last_hidden_state
-        g = self.size // self.patch
-        tokens = tokens[:, -g * g:]  # drop CLS and register tokens, which precede the patches
-        return tokens.transpose(1, 2).reshape(len(x), -1, g, g)
+        tokens, g = self.backbone(images), self.backbone.grid
+        return tokens.transpose(1, 2).reshape(len(images), -1, g, g)
 
 
 class WorldTeacher(nn.Module):
@@ -83,15 +78,8 @@ def load_teacher(spec: str) -> nn.Module:
     if spec == "world":
         return WorldTeacher()
     if spec.startswith("hf:"):
-        from transformers import AutoModel
-
-        try:
-            model = AutoModel.from_pretrained(spec[3:], local_files_only=True)
-        except OSError as e:
-            raise Krea2Error(f"iREPA teacher {spec[3:]!r} not found locally ({e.__class__.__name__}); pass a local "
-                             "folder with config.json and weights (e.g. facebook/dinov2-base downloaded beforehand)")\
-                from None
-        return HFVisionTeacher(getattr(model, "vision_model", model))
+        model, mean, std = load_vision_backbone(spec[3:])
+        return HFVisionTeacher(VisionBackbone(model, mean, std))
     raise Krea2Error(f"unknown iREPA teacher {spec!r}; use world or hf:PATH")
 
 

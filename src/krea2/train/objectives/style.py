@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from krea2.style import StyleEncoder
+from krea2.style import BACKBONE_DIR, INJECTIONS, StyleEncoder
 from krea2.train.data import TripletBatch
 from krea2.train.objectives.base import Models
 from krea2.train.objectives.flow import Denoising, TimestepConfig, flow_matching_loss
@@ -37,11 +37,34 @@ class StyleConfig(TimestepConfig):
     width: int = 128
     heads: int = 4
     side: int = 32  # references are resized to side x side
+    # segment: the tokens join the joint sequence (with a [stages.lora] to read them); adapter: per-block
+    # cross-attention with zero-initialised outputs (krea2.style.BlockAdapter), adapter_width wide
+    injection: str = "segment"
+    adapter_width: int = 64
+    # "": the world's pixel-patch encoder; hf:PATH: a transformers vision backbone's patch tokens (SigLIP, DINOv2,
+    # Qwen3-VL's vision tower; krea2.models.vision), frozen unless train_backbone. ViT-like backbones take their
+    # config's image_size; a Qwen-VL tower takes side (a multiple of its patch x merge, e.g. 448)
+    backbone: str = ""
+    train_backbone: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if self.tokens < 1 or self.patch < 1 or self.side % self.patch or self.width % self.heads:
             raise ValueError("style needs tokens >= 1, side divisible by patch and width divisible by heads")
+        if self.backbone and not self.backbone.startswith("hf:"):
+            raise ValueError(f"style backbone {self.backbone!r}: use hf:PATH (a local transformers folder) or leave it "
+                             "empty for the pixel-patch encoder")
+        if self.injection not in INJECTIONS or self.adapter_width < 1:
+            raise ValueError(f"style injection {self.injection!r} unknown (choose one of {list(INJECTIONS)}) or "
+                             "adapter_width < 1")
+
+
+    def check_files(self, model) -> None:
+        """--validate (where it checks paths): the vision backbone loads."""
+        if self.backbone:
+            from krea2.models.vision import load_vision_backbone
+
+            load_vision_backbone(self.backbone[3:])
 
 
 class StyleAdapter(Denoising):
@@ -53,7 +76,13 @@ class StyleAdapter(Denoising):
 
     def __init__(self, cfg: StyleConfig, env):
         super().__init__(cfg, env)
-        self.encoder = StyleEncoder(env.model.features, cfg.tokens, cfg.patch, cfg.width, cfg.heads, cfg.side)
+        backbone = None
+        if cfg.backbone:
+            from krea2.models.vision import VisionBackbone, load_vision_backbone
+
+            backbone = VisionBackbone(*load_vision_backbone(cfg.backbone[3:]), side=cfg.side)
+        self.encoder = StyleEncoder(env.model.features, cfg.tokens, cfg.patch, cfg.width, cfg.heads, cfg.side,
+                                    cfg.injection, env.model.layers, cfg.adapter_width, backbone, cfg.train_backbone)
 
     def loss(self, models: Models, batch: TripletBatch, step: int, generator: torch.Generator
              ) -> tuple[Tensor, dict]:
@@ -62,7 +91,7 @@ class StyleAdapter(Denoising):
         t = self.timesteps(B, N, generator, device)
         noise = torch.randn(batch.x0.shape, generator=generator, device=device)
         v = self.velocity(models.policy, batch.x0, noise, t, batch.context, batch.txtmask, batch.gh, batch.gw,
-                          reference=self.encoder(batch.images_ref))
+                          reference=self.encoder(batch.images_ref), adapter=self.encoder.adapter)
         loss = flow_matching_loss(v, batch.x0, noise)
         return loss, {"loss/flow": loss.detach()}
 
@@ -83,4 +112,8 @@ def export_style_encoder(encoder: StyleEncoder, stage_dir, write: bool) -> None:
         return
     stage_dir = Path(stage_dir)
     atomic_write(stage_dir / ENCODER_FILE, lambda tmp: save_file(sd, tmp))
+    if encoder.backbone is not None:  # its architecture; the weights are in the encoder's file
+        (stage_dir / BACKBONE_DIR).mkdir(exist_ok=True)
+        text = encoder.backbone.model.config.to_json_string()
+        atomic_write(stage_dir / BACKBONE_DIR / "config.json", lambda tmp: Path(tmp).write_text(text))
     atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(encoder.config, indent=1) + "\n"))

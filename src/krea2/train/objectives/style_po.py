@@ -52,7 +52,8 @@ class StylePOConfig(STPOConfig):
             raise ValueError(f"method {self.method!r} unknown; choose one of {list(METHODS)}")
 
     def check_files(self, model) -> None:
-        """--validate (where it checks paths): the adapter loads, fits the DiT's width and has a reference LoRA."""
+        """--validate (where it checks paths): the adapter loads, fits the DiT's width and has a reference LoRA or a
+        block adapter."""
         load_adapter(self.adapter, model.features)
 
 
@@ -75,11 +76,17 @@ class StylePreference(STPO):
 
     @classmethod
     def lora_config(cls, cfg: StylePOConfig, lora):
-        """The trained adapters start as the supervised adapter's LoRA (policy = reference at step 0)."""
+        """The trained adapters start as the supervised adapter's LoRA (policy = reference at step 0). An adapter
+        without one (a block-adapter encoder) trains without [stages.lora], or with a fresh one."""
+        weights = str(style_adapter_dir(cfg.adapter) / "lora.safetensors")
+        if not Path(weights).is_file():
+            if lora is not None and lora.weights:
+                raise Krea2Error(f"style adapter {cfg.adapter} has no reference LoRA; leave [stages.lora] weights "
+                                 "empty")
+            return lora
         if lora is None:
             raise Krea2Error("style_po trains the reference LoRA: add [stages.lora] with the adapter's rank and "
                              "targets")
-        weights = str(style_adapter_dir(cfg.adapter) / "lora.safetensors")
         if lora.weights and Path(lora.weights).resolve() != Path(weights).resolve():
             raise Krea2Error(f"[stages.lora] weights {lora.weights} is not the adapter's LoRA {weights}; leave it "
                              "empty (style_po sets it)")
@@ -96,7 +103,8 @@ class StylePreference(STPO):
             self.digest_checked = True
         with torch.no_grad():
             ref_tokens = self.ref_encoder(batch.images_ref)
-        return super().pair_velocities(models, batch, generator, self.encoder(batch.images_ref), ref_tokens)
+        return super().pair_velocities(models, batch, generator, self.encoder(batch.images_ref), ref_tokens,
+                                       self.encoder.adapter, self.ref_encoder.adapter)
 
     def loss(self, models: Models, batch: StylePairBatch, step: int, generator: torch.Generator
              ) -> tuple[Tensor, dict]:
@@ -115,9 +123,10 @@ def load_adapter(spec: str, features: int):
     if width != features:
         raise Krea2Error(f"style adapter {spec} was trained for a DiT of width {width}, not {features}; train one "
                          "for this base")
-    if start.lora is None:
-        raise Krea2Error(f"style adapter {spec} has no reference LoRA (lora.safetensors); the preference step "
-                         "trains one, so start from an adapter trained with [stages.lora]")
+    if start.lora is None and start.adapter is None:
+        raise Krea2Error(f"style adapter {spec} has neither a reference LoRA (lora.safetensors) nor a block adapter, "
+                         "so the base model ignores its tokens; start from an adapter trained with [stages.lora] or "
+                         "injection = \"adapter\"")
     start.lora = None  # the stage's [stages.lora] weights carry it (lora_config)
     return start
 
@@ -128,5 +137,6 @@ def adapter_digest(spec: str) -> Tensor:
 
     h = hashlib.sha256()
     for name in ("style_encoder.safetensors", "lora.safetensors"):
-        h.update((style_adapter_dir(spec) / name).read_bytes())
+        if (style_adapter_dir(spec) / name).is_file():
+            h.update((style_adapter_dir(spec) / name).read_bytes())
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)

@@ -1,0 +1,131 @@
+"""transformers vision backbones as patch-feature extractors: SigLIP / SigLIP 2, DINOv2 / DINOv3, CLIP, and the
+vision tower of Qwen3-VL (Krea 2's text encoder family), loaded offline from a local folder, weights from
+safetensors only.
+
+`load_vision_backbone(path)` takes a folder as `save_pretrained` writes it: a vision model (Dinov2Model,
+SiglipVisionModel), a dual or multimodal model (SiglipModel, CLIPModel, Qwen3VLForConditionalGeneration), from which
+only the vision tower's tensors are read (found by the suffix of the tower's own tensor names, so any wrapping prefix
+- `vision_model.`, `model.visual.` - works). `VisionBackbone` turns it into images (B, 3, H, W) in [-1, 1] -> patch
+tokens (B, P, hidden) in row order: iREPA's teacher (`train/objectives/irepa.py`) and the style encoder's
+backbone (`krea2.style`) use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from krea2.errors import Krea2Error
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+QWEN_VISION = ("qwen3_vl_vision", "qwen3_vl_moe_vision", "qwen2_5_vl_vision", "qwen2_vl_vision")
+
+
+def tower_tensors(full: dict[str, Tensor], wanted: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of `wanted`'s names inside a wrapping model's state dict, under whatever prefix wraps them
+    (`vision_model.`, `visual.`, `model.visual.`). Krea2Error if some are missing."""
+    first = next(iter(wanted))
+    for prefix in {k[: len(k) - len(first)] for k in full if k.endswith(first)}:
+        if (prefix == "" or prefix.endswith(".")) and all(prefix + k in full for k in wanted):
+            return {k: full[prefix + k] for k in wanted}
+    raise Krea2Error(f"the model's weights do not hold its vision tower (no prefix carries {first} and the rest)")
+
+
+def _vision_config(cfg):
+    return getattr(cfg, "vision_config", None) or cfg
+
+
+def load_vision_backbone(path: str | Path) -> tuple[nn.Module, tuple, tuple]:
+    """A local transformers folder -> (the vision tower with its weights, mean, std of its input normalisation).
+
+    The normalisation comes from the folder's preprocessor_config.json (image_mean / image_std) when it has one,
+    else ImageNet statistics for DINO models and 0.5 / 0.5 for the rest (SigLIP, Qwen-VL). Raises Krea2Error for a
+    missing folder, no config, no safetensors weights, or weights that lack some tensor of the tower."""
+    from transformers import AutoConfig, AutoModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise Krea2Error(f"vision backbone {str(path)!r} not found locally (no config.json); pass a local folder "
+                         "with config.json and safetensors weights (e.g. google/siglip-base-patch16-224 or "
+                         "facebook/dinov2-base downloaded beforehand)")
+    if not any(path.glob("*.safetensors")):
+        raise Krea2Error(f"{path} holds no .safetensors weights (pickled weights are not loaded); save the model "
+                         "with safe_serialization")
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        full = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise Krea2Error(f"{path} does not load as a transformers model ({type(e).__name__}: {e})") from None
+    vcfg = _vision_config(cfg)
+    if vcfg is cfg:
+        model = full
+    else:  # a dual / multimodal model: rebuild the tower alone and take its tensors (after transformers' renames)
+        model = AutoModel.from_config(vcfg)
+        model.load_state_dict(tower_tensors(full.state_dict(), model.state_dict()))
+        del full
+    mean, std = IMAGENET if "dino" in vcfg.model_type else HALF
+    pre = path / "preprocessor_config.json"
+    if pre.is_file():
+        spec = json.loads(pre.read_text())
+        mean, std = tuple(spec.get("image_mean", mean)), tuple(spec.get("image_std", std))
+    return model.eval(), tuple(mean), tuple(std)
+
+
+class VisionBackbone(nn.Module):
+    """images (B, 3, H, W) in [-1, 1] -> patch tokens (B, g·g, hidden), g = side / patch, in row order.
+
+    ViT-like models (DINOv2, SigLIP, CLIP) get `pixel_values` at their config's image_size and return their last
+    hidden state without the CLS / register tokens that precede the patches; Qwen-VL vision towers get the
+    processor's flattened patches (temporal patch repeated, 2 x 2 merge windows in order) at `side` (a multiple of
+    patch x merge) and return their pre-merger hidden states back in row order. `before` (B, 3, s, s) -> same, if
+    given, runs on the resized image (the style encoder rearranges tiles there)."""
+
+    def __init__(self, model: nn.Module, mean=HALF[0], std=HALF[1], side: int | None = None):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.qwen = cfg.model_type in QWEN_VISION
+        self.patch = cfg.patch_size
+        if self.qwen:
+            self.merge, self.temporal = cfg.spatial_merge_size, cfg.temporal_patch_size
+            side = side or self.patch * self.merge * 4
+            if side % (self.patch * self.merge):
+                raise Krea2Error(f"a {cfg.model_type} backbone needs a side divisible by patch x merge = "
+                                 f"{self.patch * self.merge}, got {side}")
+        else:
+            side = cfg.image_size
+        self.side = side
+        self.mean_std = (tuple(mean), tuple(std))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32)[None, :, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32)[None, :, None, None], persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def grid(self) -> int:
+        return self.side // self.patch
+
+    def forward(self, images: Tensor, before=None) -> Tensor:
+        x = F.interpolate((images.float() + 1) / 2, size=(self.side, self.side), mode="bilinear",
+                          align_corners=False)
+        if before is not None:
+            x = before(x)
+        x = ((x - self.mean) / self.std).to(next(self.model.parameters()).dtype)
+        g = self.grid
+        if not self.qwen:
+            return self.model(pixel_values=x).last_hidden_state[:, -g * g:]
+        B, C, m, p = len(x), x.shape[1], self.merge, self.patch
+        # Qwen2VLImageProcessor's layout: (t, C, gh/m, m, p, gw/m, m, p) -> rows (gh/m, gw/m, m, m), cols (C, t, p, p)
+        t = x[:, None].expand(B, self.temporal, C, self.side, self.side)
+        t = t.reshape(B, self.temporal, C, g // m, m, p, g // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        flat = t.reshape(B * g * g, C * self.temporal * p * p)
+        grid_thw = torch.tensor([[1, g, g]] * B, device=x.device)
+        h = self.model(flat, grid_thw=grid_thw).last_hidden_state.reshape(B, g // m, g // m, m, m, -1)
+        return h.permute(0, 1, 3, 2, 4, 5).reshape(B, g * g, -1)  # merge-window order back to row order
