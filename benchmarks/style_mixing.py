@@ -43,7 +43,7 @@ def main() -> None:
             pixels, weights, _ = references({**rec, "refs": refs}, i, pipe.resolution, 0)
             with torch.no_grad():
                 tokens = encoder(pixels)
-            mix = mix_references([t[None] for t in tokens], weights, 1.0, **encoder.injection)
+            mix = mix_references([t[None] for t in tokens], weights, 1.0, **encoder.injection_kwargs)
             for im in to_pil(pipe.generate([rec["prompt"]] * n, seed=i * n, style=mix)):
                 style = checker.detect(im).style
                 in_a, in_b, total = in_a + (style == a), in_b + (style == b), total + 1

@@ -133,38 +133,62 @@ def test_a_backbone_encoder_cannot_see_the_references_layout(backbones, kind):
 
 
 @pytest.mark.slow
-def test_a_style_stage_trains_heads_on_a_frozen_siglip_and_the_folder_loads_back(tmp_path, backbones):
+def test_a_siglip_style_adapter_trains_its_heads_then_its_preference_step_keeps_the_backbone_frozen(tmp_path,
+                                                                                                   backbones):
+    import json
+
     import numpy as np
 
+    from krea2.models.checkpoint import save_random_checkpoint
     from krea2.pipeline import load_pipeline
     from krea2.style import load_style_encoder, mix_references
+    from krea2.train.config import parse_recipe
     from krea2.train.trainer import train_recipe
-    from tests.test_style import style_recipe
+    from tests.test_style import style_pairs_file, style_recipe
 
     path, siglip = backbones["siglip"]
-    recipe = style_recipe(2, objective={"name": "style", "tokens": 2, "width": 32, "side": 16,
-                                        "backbone": f"hf:{path}"})
-    final = train_recipe(recipe, tmp_path / "run", progress=False)
-    folder = tmp_path / "run" / "style"
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        official = siglip.vision_model(pixel_values=pixels).last_hidden_state
+
+    def same_tower(enc):  # the saved tower is SigLIP's own, unchanged by training
+        with torch.no_grad():
+            torch.testing.assert_close(enc.backbone.model(pixel_values=pixels).last_hidden_state, official, atol=0,
+                                       rtol=0)
+
+    base = save_random_checkpoint(tmp_path / "base", resolution=16)
+    objective = {"name": "style", "tokens": 2, "width": 32, "side": 16, "backbone": f"hf:{path}",
+                 "injection": "adapter", "adapter_width": 8}
+    final = train_recipe(style_recipe(2, init=base, objective=objective, lr=1e-2), tmp_path / "sup", progress=False)
+    folder = tmp_path / "sup" / "style"
     assert (folder / "backbone" / "config.json").is_file()
     enc = load_style_encoder(folder)
-    pixels = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():  # frozen: the saved tower is SigLIP's own
-        torch.testing.assert_close(enc.backbone.model(pixel_values=pixels).last_hidden_state,
-                                   siglip.vision_model(pixel_values=pixels).last_hidden_state, atol=0, rtol=0)
-    fresh = StyleEncoder(64, 2, 4, 32, 4, 16, backbone=enc.backbone)
-    assert not torch.equal(enc.queries, fresh.queries)  # the heads trained
-    pipe = load_pipeline(str(final))
+    same_tower(enc)
+    assert all(o.weight.abs().sum() > 0 for o in enc.adapter.o)  # zero-initialised outputs: trained
     ref = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32))
     with torch.no_grad():
         tokens = enc(ref)
-    torch.testing.assert_close(tokens, load_style_encoder(folder)(ref))  # the folder loads back to the same tokens
-    base = pipe.generate(["a red circle"], seed=0)
-    assert torch.equal(pipe.generate(["a red circle"], seed=0,
-                                     style=mix_references([tokens], [1.0], 0.0, **enc.injection)), base)
-    bad = recipe.stages[0].objective
-    with pytest.raises(ValueError, match="use hf:PATH"):
-        type(bad)(backbone=str(path))
+    torch.testing.assert_close(tokens, load_style_encoder(folder)(ref), atol=0, rtol=0)  # loads back exactly
+    pipe = load_pipeline(str(final))
+    styled = pipe.generate(["a red circle"], seed=0, style=mix_references([tokens], [1.0], 1.0,
+                                                                          **enc.injection_kwargs))
+    assert not torch.equal(styled, pipe.generate(["a red circle"], seed=0))
+    stage = {"name": "po", "steps": 2, "batch_size": 4, "lr": 1e-2, "warmup": 1, "log_every": 1, "save_every": 100,
+             "data": {"source": "style_pairs", "path": str(style_pairs_file(tmp_path / "pairs.parquet"))},
+             "objective": {"name": "style_po", "method": "dpo", "adapter": str(folder)}}
+    train_recipe(parse_recipe({"name": "p", "model": {"init": str(base)}, "stages": [stage]}), tmp_path / "po",
+                 progress=False)
+    first = json.loads((tmp_path / "po" / "po" / "losses.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - 0.6931472) < 1e-4
+    after = load_style_encoder(tmp_path / "po" / "po")
+    same_tower(after)  # the preference step trains the heads and the adapter, never the backbone
+    assert not torch.equal(after.adapter.o[0].weight, enc.adapter.o[0].weight)
+    shutil_copy = tmp_path / "nobackbone"
+    shutil_copy.mkdir()
+    for name in ("style.json", "style_encoder.safetensors"):
+        (shutil_copy / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(Krea2Error, match="lacks backbone/config.json"):
+        load_style_encoder(shutil_copy)
 
 
 def test_a_fresh_block_adapter_is_the_base_model_and_runs_in_reference_passes_only():
@@ -192,6 +216,10 @@ def test_a_fresh_block_adapter_is_the_base_model_and_runs_in_reference_passes_on
             other = model(x, ctx, t, pos, mask)
         assert not torch.allclose(moved, base) and torch.equal(moved, other)
         assert torch.equal(model(x, ctx, t, pos, mask), base)  # hooks gone after the pass
+        with pytest.raises(RuntimeError, match="mid-pass"):
+            with reference_pass(model, tokens, 16, adapter=enc.adapter):
+                raise RuntimeError("mid-pass")
+        assert torch.equal(model(x, ctx, t, pos, mask), base)  # and after a pass that failed
     with pytest.raises(Krea2Error, match="trained for a DiT with"):
         with enc.adapter.attached(torch.nn.Module(), tokens, 16):
             pass
@@ -220,10 +248,8 @@ def test_block_adapter_style_stage_then_preference_step_without_a_lora(tmp_path)
     with torch.no_grad():
         tokens = start(torch.rand(1, 3, 16, 16) * 2 - 1)
     base_images = pipe.generate(["a red circle"], seed=0)
-    assert torch.equal(pipe.generate(["a red circle"], seed=0,
-                                     style=mix_references([tokens], [1.0], 0.0, **start.injection)), base_images)
-    assert not torch.equal(pipe.generate(["a red circle"], seed=0,
-                                         style=mix_references([tokens], [1.0], 1.0, **start.injection)), base_images)
+    mix = mix_references([tokens], [1.0], 1.0, **start.injection_kwargs)
+    assert not torch.equal(pipe.generate(["a red circle"], seed=0, style=mix), base_images)
     pairs = style_pairs_file(tmp_path / "pairs.parquet")
     stage = {"name": "po", "steps": 2, "batch_size": 4, "lr": 1e-2, "warmup": 1, "log_every": 1, "save_every": 100,
              "data": {"source": "style_pairs", "path": str(pairs)},

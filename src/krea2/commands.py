@@ -118,7 +118,7 @@ def generate(
         with torch.no_grad():
             tokens = [encoder(img[None]) for img, _ in references]
         style = mix_references(tokens, [w for _, w in references],
-                               0.5 if style_strength is None else style_strength, **encoder.injection)
+                               0.5 if style_strength is None else style_strength, **encoder.injection_kwargs)
     images = to_pil(pipe.generate(expanded, pipe.sampling_config(steps=steps, guidance=cfg, mu=mu), seed=seed,
                                   width=width, height=height, progress=True, style=style))
     for i, im in enumerate(images):

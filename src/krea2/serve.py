@@ -405,7 +405,7 @@ def style_mix(req, encoder, cfg: ServeConfig):
             tokens.append(encoder(image[None]))
         weights.append(float(ref.weight))
     try:
-        return mix_references(tokens, weights, float(req.style_strength), **encoder.injection)
+        return mix_references(tokens, weights, float(req.style_strength), **encoder.injection_kwargs)
     except Krea2Error as e:
         raise FieldError("style_strength" if "strength" in str(e) else "style_refs", str(e)) from None
 

@@ -15,8 +15,8 @@ strength 0-1, a weight per reference, negative references):
   only: a frozen base never attends to a segment it was not trained with, so the adapter teaches the base's attention
   to read it, while v_base (and strength 0) stays the release model exactly.
 The other injection the field uses, a per-block adapter with a zero-initialised output (IP-Adapter's decoupled
-cross-attention, `BlockAdapter`), is built too (`injection = "adapter"` in a style stage) and was measured against
-the segment (BENCHMARKS.md "Style references"): it replaces the segment, its hooks run in the reference passes only.
+cross-attention, `BlockAdapter`; `injection = "adapter"` in a style stage), replaces the segment; its hooks run in
+the reference passes only, so strength 0 stays the base model exactly with it too.
 Each v_* is the text-guided velocity of `krea2.sampling.guided_velocity` with the same reference in both branches,
 so text guidance and style strength stay separate knobs.
 """
@@ -60,9 +60,13 @@ class StyleEncoder(nn.Module):
         super().__init__()
         if tokens < 1 or patch < 1 or side % patch or width % heads:
             raise Krea2Error("style encoder needs tokens >= 1, side divisible by patch and width by heads")
-        if injection not in INJECTIONS or injection == "adapter" and (layers < 1 or adapter_width < 1):
-            raise Krea2Error(f"style injection must be one of {list(INJECTIONS)}; 'adapter' needs the DiT's layers "
-                             "and adapter_width >= 1")
+        if injection not in INJECTIONS:
+            raise Krea2Error(f"style injection {injection!r} unknown; choose one of {list(INJECTIONS)}")
+        if injection == "adapter" and (layers < 1 or adapter_width < 1):
+            raise Krea2Error(f"a block adapter needs the DiT's layers >= 1 and adapter_width >= 1, got {layers} and "
+                             f"{adapter_width}")
+        if train_backbone and backbone is None:
+            raise Krea2Error("train_backbone needs a backbone")
         self.patch, self.side = patch, side
         self.config = {"features": features, "tokens": tokens, "patch": patch, "width": width, "heads": heads,
                        "side": side, "injection": injection}
@@ -89,6 +93,12 @@ class StyleEncoder(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps its dropout off
         return self
 
+    def requires_grad_(self, requires_grad: bool = True):
+        super().requires_grad_(requires_grad)
+        if self.backbone is not None and not self.train_backbone:
+            self.backbone.requires_grad_(False)  # a frozen backbone stays frozen whatever trains around it
+        return self
+
     def patches(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> the unordered patch set (B, P, inputs) the encoder pools."""
         if self.backbone is not None:
@@ -106,9 +116,17 @@ class StyleEncoder(nn.Module):
         return self.out(pooled)
 
     @property
-    def injection(self) -> dict:
+    def injection_kwargs(self) -> dict:
         """How the tokens enter the DiT, as `mix_references` and `reference_pass` take it: {"lora", "adapter"}."""
         return {"lora": self.lora, "adapter": self.adapter}
+
+    def check_reads_tokens(self, what: str) -> None:
+        """Krea2Error unless something makes the base read the tokens (a reference LoRA or a block adapter): what a
+        preference step trains. `what` names the adapter in the message."""
+        if self.lora is None and self.adapter is None:
+            raise Krea2Error(f"style adapter {what} has neither a reference LoRA (lora.safetensors) nor a block "
+                             "adapter, so the base model ignores its tokens; train it with [stages.lora] or "
+                             "injection = \"adapter\"")
 
 
 INJECTIONS = ("segment", "adapter")
@@ -151,14 +169,19 @@ class BlockAdapter(nn.Module):
         k, v = self.kv[i](tokens.to(dtype)).expand(len(h), -1, -1).chunk(2, dim=-1)
         return self.o[i](F.scaled_dot_product_attention(q, k, v)).to(h.dtype)
 
-    @contextmanager
-    def attached(self, model: nn.Module, tokens: Tensor, n_image: int):
-        """The model with this adapter after each block for the duration: the last n_image tokens of a block's
-        output (the image segment) gain `delta`. Krea2Error if the model's block count differs."""
+    def check(self, model: nn.Module) -> None:
+        """Krea2Error unless the model has as many blocks as this adapter."""
         blocks = getattr(model, "blocks", None)
         if blocks is None or len(blocks) != len(self.q):
             raise Krea2Error(f"this style adapter was trained for a DiT with {len(self.q)} blocks; the model has "
                              f"{'none' if blocks is None else len(blocks)}")
+
+    @contextmanager
+    def attached(self, model: nn.Module, tokens: Tensor, n_image: int):
+        """The model with this adapter after each block for the duration: the last n_image tokens of a block's
+        output (the image segment) gain `delta`. Krea2Error if the model's block count differs."""
+        self.check(model)
+        blocks = model.blocks
 
         def hook(i):
             def add(module, args, out):
@@ -207,7 +230,7 @@ def mix_references(tokens: Sequence[Tensor], weights: Sequence[float], strength:
 
     Positive weights are normalised to sum 1 (relative), negative ones likewise among themselves, their total
     magnitude kept as the push-away scale. lora, adapter: the encoder's reference LoRA and block adapter
-    (`StyleEncoder.lora`, `.adapter`; pass `**encoder.injection`). Raises
+    (`StyleEncoder.lora`, `.adapter`; pass `**encoder.injection_kwargs`). Raises
     Krea2Error for mismatched lengths, non-finite or all-zero weights, a strength outside [0, 1], or more than 10
     references (the API's limit)."""
     import math
@@ -297,10 +320,8 @@ def check_style_encoder(encoder: StyleEncoder, model: nn.Module) -> None:
     if features is not None and features != encoder.config["features"]:
         raise Krea2Error(f"this style adapter was trained for a DiT of width {encoder.config['features']}, the model "
                          f"is {features} wide; train one for this base")
-    blocks = getattr(model, "blocks", None)
-    if encoder.adapter is not None and (blocks is None or len(blocks) != len(encoder.adapter.q)):
-        raise Krea2Error(f"this style adapter was trained for a DiT with {len(encoder.adapter.q)} blocks; the model "
-                         f"has {'none' if blocks is None else len(blocks)}")
+    if encoder.adapter is not None:
+        encoder.adapter.check(model)
     if encoder.lora is None:
         return
     from krea2.models.lora import check_lora
@@ -338,7 +359,9 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
         if backbone is not None:
             cfg.update(backbone=saved_backbone(folder, backbone), train_backbone=backbone["train"])
         encoder = StyleEncoder(**cfg)
-    except (ValueError, KeyError, TypeError, OSError, Krea2Error) as e:
+    except Krea2Error:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise Krea2Error(f"{cfg_file} is damaged ({type(e).__name__}: {e}); re-export the style stage") from None
     sd = read_safetensors(weights)
     missing = sorted(set(encoder.state_dict()) ^ set(sd))
@@ -362,6 +385,9 @@ def saved_backbone(folder: Path, spec: dict) -> nn.Module:
 
     from krea2.models.vision import VisionBackbone
 
+    if not (folder / BACKBONE_DIR / "config.json").is_file():
+        raise Krea2Error(f"{folder} lacks {BACKBONE_DIR}/config.json (its vision backbone's architecture); "
+                         "re-export the style stage")
     cfg = AutoConfig.from_pretrained(folder / BACKBONE_DIR, local_files_only=True)
     return VisionBackbone(AutoModel.from_config(cfg), spec["mean"], spec["std"], spec["side"])
 

@@ -72,7 +72,7 @@ def evaluate_style(pipe, encoder, records: Sequence[dict], strength: float = 1.0
         with torch.no_grad():
             tokens = encoder(pixels.to(pipe.device))
         s = float(rec.get("strength", strength))
-        mix = mix_references([t[None] for t in tokens], weights, s, **encoder.injection)
+        mix = mix_references([t[None] for t in tokens], weights, s, **encoder.injection_kwargs)
         prompts = [rec["prompt"]] * images_per_prompt
         styled = to_pil(pipe.generate(prompts, seed=seed + i * images_per_prompt, style=mix))
         base = to_pil(pipe.generate(prompts, seed=seed + i * images_per_prompt))

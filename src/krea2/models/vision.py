@@ -26,27 +26,24 @@ HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 QWEN_VISION = ("qwen3_vl_vision", "qwen3_vl_moe_vision", "qwen2_5_vl_vision", "qwen2_vl_vision")
 
 
-def tower_tensors(full: dict[str, Tensor], wanted: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The tensors of `wanted`'s names inside a wrapping model's state dict, under whatever prefix wraps them
-    (`vision_model.`, `visual.`, `model.visual.`). Krea2Error if some are missing."""
-    first = next(iter(wanted))
-    for prefix in {k[: len(k) - len(first)] for k in full if k.endswith(first)}:
-        if (prefix == "" or prefix.endswith(".")) and all(prefix + k in full for k in wanted):
-            return {k: full[prefix + k] for k in wanted}
-    raise Krea2Error(f"the model's weights do not hold its vision tower (no prefix carries {first} and the rest)")
+def tower_prefix(names, wanted) -> str | None:
+    """The prefix under which a wrapping model's tensor names (`names`) hold every name of `wanted` (the tower's
+    own): "", `vision_model.`, `visual.`, `model.visual.`...; None if there is none."""
+    names, first = set(names), next(iter(wanted))
+    for prefix in {k[: len(k) - len(first)] for k in names if k.endswith(first)}:
+        if (prefix == "" or prefix.endswith(".")) and all(prefix + k in names for k in wanted):
+            return prefix
+    return None
 
 
 def _vision_config(cfg):
     return getattr(cfg, "vision_config", None) or cfg
 
 
-def load_vision_backbone(path: str | Path) -> tuple[nn.Module, tuple, tuple]:
-    """A local transformers folder -> (the vision tower with its weights, mean, std of its input normalisation).
-
-    The normalisation comes from the folder's preprocessor_config.json (image_mean / image_std) when it has one,
-    else ImageNet statistics for DINO models and 0.5 / 0.5 for the rest (SigLIP, Qwen-VL). Raises Krea2Error for a
-    missing folder, no config, no safetensors weights, or weights that lack some tensor of the tower."""
-    from transformers import AutoConfig, AutoModel
+def check_vision_backbone(path: str | Path):
+    """The cheap checks of a backbone folder (config.json that transformers reads, safetensors weights), without
+    loading weights: what `krea2 train --validate` runs. Returns the config; one-line Krea2Error otherwise."""
+    from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -58,22 +55,73 @@ def load_vision_backbone(path: str | Path) -> tuple[nn.Module, tuple, tuple]:
                          "with safe_serialization")
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        full = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise Krea2Error(f"{path}/config.json is not a transformers config ({type(e).__name__}: {e})") from None
+    if not hasattr(_vision_config(cfg), "patch_size"):
+        raise Krea2Error(f"{path} is a {cfg.model_type} model without a vision tower; pass a SigLIP, DINOv2, CLIP or "
+                         "Qwen-VL folder")
+    return cfg
+
+
+def load_vision_backbone(path: str | Path) -> tuple[nn.Module, tuple, tuple]:
+    """A local transformers folder -> (the vision tower with its weights, mean, std of its input normalisation).
+
+    A dual or multimodal model's tower is built alone and its tensors read from the shards by name (a Qwen3-VL
+    folder's language model is never loaded); where transformers renames tensors on load (older layouts), the whole
+    model loads and the tower is taken from it. The normalisation comes from the folder's preprocessor_config.json
+    (image_mean / image_std) when it has one, else ImageNet statistics for DINO models and 0.5 / 0.5 for the rest
+    (SigLIP, Qwen-VL). Raises Krea2Error as `check_vision_backbone`, or for weights that lack the tower."""
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    path = Path(path)
+    cfg = check_vision_backbone(path)
+    vcfg = _vision_config(cfg)
+    try:
+        if vcfg is cfg:
+            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        else:
+            model = AutoModel.from_config(vcfg)
+            wanted, shard = model.state_dict(), {}
+            for file in sorted(path.glob("*.safetensors")):  # headers only: where each tensor lives
+                with safe_open(str(file), "pt") as f:
+                    shard |= dict.fromkeys(f.keys(), file)
+            prefix = tower_prefix(shard, wanted)
+            if prefix is not None:
+                found = {}
+                for file in sorted(set(shard[prefix + k] for k in wanted)):
+                    with safe_open(str(file), "pt") as f:
+                        found |= {k: f.get_tensor(prefix + k) for k in wanted if shard[prefix + k] == file}
+            else:  # renamed on load (an older layout): take the tower from the loaded model
+                full = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).state_dict()
+                prefix = tower_prefix(full, wanted)
+                if prefix is None:
+                    raise Krea2Error(f"{path}'s weights do not hold its vision tower; is the folder complete?")
+                found = {k: full[prefix + k] for k in wanted}
+            model.load_state_dict(found)
     except (ValueError, KeyError, OSError) as e:
         raise Krea2Error(f"{path} does not load as a transformers model ({type(e).__name__}: {e})") from None
-    vcfg = _vision_config(cfg)
-    if vcfg is cfg:
-        model = full
-    else:  # a dual / multimodal model: rebuild the tower alone and take its tensors (after transformers' renames)
-        model = AutoModel.from_config(vcfg)
-        model.load_state_dict(tower_tensors(full.state_dict(), model.state_dict()))
-        del full
     mean, std = IMAGENET if "dino" in vcfg.model_type else HALF
     pre = path / "preprocessor_config.json"
     if pre.is_file():
         spec = json.loads(pre.read_text())
         mean, std = tuple(spec.get("image_mean", mean)), tuple(spec.get("image_std", std))
     return model.eval(), tuple(mean), tuple(std)
+
+
+def input_side(cfg, side: int | None = None) -> int:
+    """The side (px) a vision tower's input is resized to: a ViT's config image_size; for a Qwen-VL tower `side`
+    (default 4 merge windows), which must be a multiple of patch x merge and at least 4 patches. Krea2Error
+    otherwise."""
+    cfg = _vision_config(cfg)
+    if cfg.model_type not in QWEN_VISION:
+        return cfg.image_size
+    unit = cfg.patch_size * cfg.spatial_merge_size
+    side = side or unit * 4
+    if side % unit or side < 4 * cfg.patch_size:
+        raise Krea2Error(f"a {cfg.model_type} backbone needs a side divisible by patch x merge = {unit} and at least "
+                         f"4 patches ({4 * cfg.patch_size} px), got {side}; set the style stage's side (e.g. 448)")
+    return side
 
 
 class VisionBackbone(nn.Module):
@@ -93,13 +141,7 @@ class VisionBackbone(nn.Module):
         self.patch = cfg.patch_size
         if self.qwen:
             self.merge, self.temporal = cfg.spatial_merge_size, cfg.temporal_patch_size
-            side = side or self.patch * self.merge * 4
-            if side % (self.patch * self.merge):
-                raise Krea2Error(f"a {cfg.model_type} backbone needs a side divisible by patch x merge = "
-                                 f"{self.patch * self.merge}, got {side}")
-        else:
-            side = cfg.image_size
-        self.side = side
+        self.side = input_side(cfg, side)
         self.mean_std = (tuple(mean), tuple(std))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32)[None, :, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32)[None, :, None, None], persistent=False)

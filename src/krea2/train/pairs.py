@@ -104,7 +104,7 @@ def sample_style_pairs(pipe, encoder, n_prompts: int, group_size: int = 4, seed:
         pixels, weights, scenes = references(rec, i, pipe.resolution, PROMPT_SEED + seed)
         with torch.no_grad():
             tokens = encoder(pixels.to(pipe.device))
-        mix = mix_references([tokens[:1]], weights, 1.0, **encoder.injection)
+        mix = mix_references([tokens[:1]], weights, 1.0, **encoder.injection_kwargs)
         images = pipe.generate([rec["prompt"]] * group_size, seed=seed * 1_000_003 + i * group_size, style=mix)
         r = np.array([style_reward(checker.detect(im), rec, scenes, content_weight) for im in to_pil(images)])
         best, worst = int(r.argmax()), int(r.argmin())
@@ -144,10 +144,7 @@ def write_sampled_pairs(checkpoint: str, out: str | Path, n_prompts: int, group_
         if strict:
             raise Krea2Error("--strict does not go with --kind style")
         encoder = load_style_encoder(style_encoder)  # a bad adapter fails before the checkpoint loads
-        if encoder.lora is None and encoder.adapter is None:  # style_po needs one: refuse before sampling
-            raise Krea2Error(f"style adapter {style_encoder} has neither a reference LoRA (lora.safetensors) nor a "
-                             "block adapter; style pairs feed a style_po stage, which trains them: train the adapter "
-                             "with [stages.lora] or injection = \"adapter\"")
+        encoder.check_reads_tokens(style_encoder)  # the style_po stage these pairs feed trains it: refuse now
         pipe = load_pipeline(checkpoint)
         encoder = encoder.to(pipe.device)
         check_style_encoder(encoder, pipe.model)

@@ -8,8 +8,12 @@ sequence as the reference segment; the loss is flow matching on the target (`flo
 base model is frozen (`trains_policy = False`): the encoder trains, and with `[stages.lora]` a LoRA on the base too
 (a frozen base has never attended to a reference segment and ignores it; measured in BENCHMARKS.md). At sampling the
 LoRA runs in the reference passes only (`krea2.style.reference_lora`), so the release path without a reference is
-the base model exactly. The stage writes `style_encoder.safetensors` and `style.json` beside its output, and the
-trainer writes the adapters as `lora.safetensors` in the same folder (`krea2.style.load_style_encoder` reads all).
+the base model exactly. `injection = "adapter"` trains a per-block adapter (`krea2.style.BlockAdapter`, zero-
+initialised outputs) instead of using the segment; `backbone = "hf:PATH"` reads references with a transformers
+vision backbone (`krea2.models.vision`), frozen unless `train_backbone`. The stage writes
+`style_encoder.safetensors` and `style.json` beside its output (and `backbone/config.json`, the backbone's
+architecture), and the trainer writes the adapters as `lora.safetensors` in the same folder
+(`krea2.style.load_style_encoder` reads all).
 """
 
 from __future__ import annotations
@@ -54,17 +58,21 @@ class StyleConfig(TimestepConfig):
         if self.backbone and not self.backbone.startswith("hf:"):
             raise ValueError(f"style backbone {self.backbone!r}: use hf:PATH (a local transformers folder) or leave it "
                              "empty for the pixel-patch encoder")
-        if self.injection not in INJECTIONS or self.adapter_width < 1:
-            raise ValueError(f"style injection {self.injection!r} unknown (choose one of {list(INJECTIONS)}) or "
-                             "adapter_width < 1")
+        if self.injection not in INJECTIONS:
+            raise ValueError(f"style injection {self.injection!r} unknown; choose one of {list(INJECTIONS)}")
+        if self.adapter_width < 1:
+            raise ValueError(f"adapter_width must be >= 1, got {self.adapter_width}")
+        if self.train_backbone and not self.backbone:
+            raise ValueError("train_backbone needs backbone = hf:PATH")
 
 
     def check_files(self, model) -> None:
-        """--validate (where it checks paths): the vision backbone loads."""
+        """--validate (where it checks paths): the vision backbone's folder (config and safetensors; weights are
+        read when the stage starts)."""
         if self.backbone:
-            from krea2.models.vision import load_vision_backbone
+            from krea2.models.vision import check_vision_backbone, input_side
 
-            load_vision_backbone(self.backbone[3:])
+            input_side(check_vision_backbone(self.backbone[3:]), self.side)
 
 
 class StyleAdapter(Denoising):

@@ -10,6 +10,9 @@ those pairs with the reference segment in every pass:
     policy     v_θ(x_t | text, E_θ(ref))      the encoder and the reference LoRA being trained (base frozen)
     reference  v_0(x_t | text, E_0(ref))      the supervised adapter as it started (encoder and LoRA frozen)
 
+(E includes the encoder's block adapter where it injects by one; such an adapter may have no LoRA, and the stage then
+needs no [stages.lora]; a frozen vision backbone stays frozen and is shared by E_θ and E_0.)
+
 so the implicit reward is how much more the adapter now prefers the winner than it did, and strength 0 (no reference
 pass) stays the base model exactly. The stage starts from `adapter`: its encoder is copied into the trained and the
 frozen encoder, and its LoRA starts the trained adapters (`lora_config` sets `[stages.lora] weights`), which the
@@ -67,7 +70,9 @@ class StylePreference(STPO):
     def __init__(self, cfg: StylePOConfig, env):
         super().__init__(cfg, env)
         start = load_adapter(cfg.adapter, env.model.features)
-        self.encoder = copy.deepcopy(start).train().requires_grad_(True)
+        # a frozen vision backbone is shared by the trained and the reference encoder, not copied
+        memo = {} if start.backbone is None or start.train_backbone else {id(start.backbone): start.backbone}
+        self.encoder = copy.deepcopy(start, memo).train().requires_grad_(True)
         self.ref_encoder = start.eval().requires_grad_(False)
         # the adapter's files as this run started from them: a resume checks them (the reference is rebuilt from them)
         self.register_buffer("adapter_digest", adapter_digest(cfg.adapter))
@@ -93,9 +98,9 @@ class StylePreference(STPO):
         return replace(lora, weights=weights)
 
     def pair_velocities(self, models: Models, batch: StylePairBatch, generator: torch.Generator):
-        """As Diffusion-DPO's (shared t, noise and text for winner and loser), with the reference segment: the
-        trained encoder in the policy pass, the starting one in the reference pass (whose DiT holds the starting
-        LoRA merged in)."""
+        """As Diffusion-DPO's (shared t, noise and text for winner and loser), with the reference tokens (as the
+        segment, or through each encoder's block adapter): the trained encoder in the policy pass, the starting one
+        in the reference pass (whose DiT holds the starting LoRA merged in, where the adapter has one)."""
         if not self.digest_checked:
             if not torch.equal(self.adapter_digest.cpu(), self.files_digest):
                 raise Krea2Error(f"style adapter {self.cfg.adapter} changed since this run started; resume with the "
@@ -117,16 +122,13 @@ class StylePreference(STPO):
 
 def load_adapter(spec: str, features: int):
     """The style adapter a preference stage starts from (`krea2.style.load_style_encoder`), checked: made for a DiT
-    of width `features`, with a reference LoRA. One-line Krea2Error otherwise."""
+    of width `features`, with a reference LoRA or a block adapter. One-line Krea2Error otherwise."""
     start = load_style_encoder(spec)
     width = start.config["features"]
     if width != features:
         raise Krea2Error(f"style adapter {spec} was trained for a DiT of width {width}, not {features}; train one "
                          "for this base")
-    if start.lora is None and start.adapter is None:
-        raise Krea2Error(f"style adapter {spec} has neither a reference LoRA (lora.safetensors) nor a block adapter, "
-                         "so the base model ignores its tokens; start from an adapter trained with [stages.lora] or "
-                         "injection = \"adapter\"")
+    start.check_reads_tokens(spec)
     start.lora = None  # the stage's [stages.lora] weights carry it (lora_config)
     return start
 
