@@ -262,6 +262,10 @@ def test_eval_style_end_to_end(tmp_path, cli_error, monkeypatch):
     assert last.startswith("style ") and " content " in last and " leakage " in last
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_images"] == 4 and 0 <= report["style"] <= 1 and (tmp_path / "r.png").is_file()
+    # prompt 1 has no refs: style STYLES[0 mod 5] = flat; prompt 2's heaviest positive reference is striped
+    assert set(report["per_style"]) == {"flat", "striped"}
+    assert report["style"] == pytest.approx(sum(report["per_style"].values()) / 2)
+    assert 0 <= report["drawn"] <= 1 and report["style"] <= report["style_when_drawn"] + 1e-9 or report["drawn"] == 0
     code, err = cli_error("eval", "style", "--style-encoder", tmp_path, "--strength", "2")
     assert code == 2 and "--strength must be in [0, 1]" in err
 

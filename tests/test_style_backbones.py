@@ -264,3 +264,60 @@ def test_block_adapter_style_stage_then_preference_step_without_a_lora(tmp_path)
     before, after = load_dit(base / "model.safetensors").state_dict(), load_dit(
         tmp_path / "run" / "final" / "model.safetensors").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base stays frozen
+
+
+@pytest.mark.slow
+def test_a_style_stage_learns_from_a_teacher_reading_the_style_in_words_and_continues_a_saved_adapter(tmp_path):
+    import json
+
+    from krea2.models.checkpoint import save_random_checkpoint
+    from krea2.models.dit import DiT
+    from krea2.style import load_style_encoder
+    from krea2.train.lora import LoRAConfig, adapters_disabled, inject_lora
+    from krea2.train.trainer import train_recipe
+    from tests.test_style import style_recipe
+
+    torch.manual_seed(0)  # adapters switched off are the base model exactly (the teacher's pass)
+    model = DiT("tiny-world").eval()
+    x, t = torch.randn(1, 16, model.cfg.token_dim), torch.rand(1)
+    ctx, txtmask = torch.randn(1, 5, model.cfg.txtlayers, model.cfg.txtdim), torch.ones(1, 5, dtype=torch.bool)
+    from krea2.sampling import joint_inputs
+
+    pos, mask = joint_inputs(txtmask, 4, 4)
+    with torch.no_grad():
+        base = model(x, ctx, t, pos, mask)
+        inject_lora(model, LoRAConfig(rank=2, alpha=2.0, targets="attention", init="gaussian"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        assert not torch.allclose(model(x, ctx, t, pos, mask), base)
+        with adapters_disabled(model):  # the same weights; peft's wrapper may order a fused op differently
+            torch.testing.assert_close(model(x, ctx, t, pos, mask), base, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(x, ctx, t, pos, mask), base)
+
+    base_ckpt = save_random_checkpoint(tmp_path / "base", resolution=16)
+    lora = {"rank": 4, "alpha": 4.0, "targets": "attention"}
+    objective = {"name": "style", "tokens": 2, "width": 32, "side": 16, "teacher_weight": 1.0}
+    train_recipe(style_recipe(2, init=base_ckpt, lora=lora, objective=objective, lr=1e-2), tmp_path / "sup",
+                 progress=False)
+    train_recipe(style_recipe(1, init=base_ckpt, lora=lora, objective={**objective, "teacher_weight": 0.0}),
+                 tmp_path / "flow", progress=False)
+
+    def first(run):
+        return json.loads((tmp_path / run / "style" / "losses.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert first("sup") > first("flow")  # same start and batch: the teacher's term adds to the flow loss
+    start = load_style_encoder(tmp_path / "sup" / "style")
+    # a vanishing lr from the saved adapter: the stage writes back what it started from (encoder and LoRA)
+    cont = {"name": "style", "adapter": str(tmp_path / "sup" / "style")}
+    train_recipe(style_recipe(1, init=base_ckpt, lora=lora, objective=cont, lr=1e-12), tmp_path / "cont",
+                 progress=False)
+    again = load_style_encoder(tmp_path / "cont" / "style")
+    for a, b in zip(start.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    fresh = StyleEncoder(64, 2, 4, 32, 4, 16)
+    assert not torch.allclose(fresh.queries, again.queries)
+    for k in start.lora.modules:
+        torch.testing.assert_close(again.lora.modules[k].delta(), start.lora.modules[k].delta())
+    with pytest.raises(Krea2Error, match="has a reference LoRA: add"):
+        train_recipe(style_recipe(1, init=base_ckpt, objective=cont), tmp_path / "x", progress=False)

@@ -59,7 +59,8 @@ def evaluate_style(pipe, encoder, records: Sequence[dict], strength: float = 1.0
                    seed: int = 0) -> tuple[dict, list]:
     """Generate each prompt with and without its references; returns (report, styled PIL images).
 
-    report: style accuracy, content score, leakage (and the base rates without references), per tag."""
+    report: style accuracy, content score, leakage (and the base rates without references), per tag, and style
+    accuracy per reference style."""
     from krea2.pipeline import to_pil
     from krea2.style import mix_references
 
@@ -79,7 +80,8 @@ def evaluate_style(pipe, encoder, records: Sequence[dict], strength: float = 1.0
         target = scenes[int(np.argmax(weights))]["style"]
         for im_s, im_b in zip(styled, base):
             ds, db = checker.detect(im_s), checker.detect(im_b)
-            rows.append({"tag": rec["tag"], "style": ds.style == target, "base_style": db.style == target,
+            rows.append({"tag": rec["tag"], "ref_style": target, "style": ds.style == target,
+                         "drawn": bool(ds.objects), "base_style": db.style == target,
                          "content": checker.matches(ds, content_record(rec)),
                          "base_content": checker.matches(db, content_record(rec)),
                          "leak": leaks(ds, rec, scenes), "base_leak": leaks(db, rec, scenes)})
@@ -94,7 +96,14 @@ def evaluate_style(pipe, encoder, records: Sequence[dict], strength: float = 1.0
               "leak_rate": mean("leak"), "strength": strength, "n_images": len(rows),
               "per_tag": {t: {"style": float(np.mean([r["style"] for r in rows if r["tag"] == t])),
                               "content": float(np.mean([r["content"] for r in rows if r["tag"] == t]))}
-                          for t in tags}}
+                          for t in tags},
+              # among images with at least one object: an empty canvas has no style to judge, so this separates the
+              # adapter's transfer from the base model's empty canvases
+              "style_when_drawn": float(np.mean([r["style"] for r in rows if r["drawn"]] or [0.0])),
+              "drawn": mean("drawn"),
+              # style accuracy by the reference's style: which styles the adapter carries over, which it cannot
+              "per_style": {st: float(np.mean([r["style"] for r in rows if r["ref_style"] == st]))
+                            for st in world.STYLES if any(r["ref_style"] == st for r in rows)}}
     return report, styled_images
 
 
@@ -103,4 +112,7 @@ def format_style_summary(report: dict) -> list[str]:
     return [f"{'style':10s} {report['style']:.3f}  (without a reference: {b['style']:.3f})",
             f"{'content':10s} {report['content']:.3f}  (without: {b['content']:.3f})",
             f"{'leak rate':10s} {report['leak_rate']:.3f}  (without: {b['leak']:.3f})",
+            f"{'drawn':10s} {report.get('drawn', 0):.3f}  (style where something is drawn: "
+            f"{report.get('style_when_drawn', 0):.3f})",
+            f"{'by style':10s} " + "  ".join(f"{k} {v:.2f}" for k, v in report.get("per_style", {}).items()),
             f"style {report['style']:.4f} content {report['content']:.4f} leakage {report['leakage']:.4f}"]

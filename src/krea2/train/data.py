@@ -174,6 +174,9 @@ class TripletBatch:
     images_ref: Tensor
     gh: int
     gw: int
+    # the caption with the style and background in words (world triplets' STYLED), encoded; None where absent
+    context_styled: Tensor | None = None  # (B, Ls, n_layers, dim)
+    txtmask_styled: Tensor | None = None  # (B, Ls)
 
     @property
     def size(self) -> int:
@@ -299,9 +302,13 @@ def domain_examples(n: int, size: int, seed: int, tags: list[str]) -> list[Examp
     return out
 
 
+STYLED = "styled"  # a triplet's caption naming what the reference carries (style, background), for a teacher
+
+
 def world_triplets(n: int, size: int, seed: int, **sample_kwargs) -> list[Example]:
     """World targets, each with a reference (meta["reference"]) rendered from another scene of the same style and
-    background: the style is shared, the objects (shapes, colours, places) are drawn anew."""
+    background: the style is shared, the objects (shapes, colours, places) are drawn anew. captions[STYLED] is the
+    short caption with the style and background in words ("... on a gray background in striped style")."""
     from krea2.data.world import render, sample_scene, scene_to_record, world_examples
 
     rng = np.random.default_rng([seed, 1])
@@ -310,8 +317,11 @@ def world_triplets(n: int, size: int, seed: int, **sample_kwargs) -> list[Exampl
         scene = ex.meta["scene"]
         kw = {**sample_kwargs, "styles": [scene["style"]], "backgrounds": [scene["background"]]}
         ref = sample_scene(rng, **kw)
-        out.append(Example(ex.image, ex.captions, {**ex.meta, "reference": render(ref, size, int(rng.integers(2**31))),
-                                                   "reference_scene": scene_to_record(ref)}))
+        # the short caption with the reference's share said in words: what a style stage's teacher reads
+        styled = f"{ex.captions['short']} on a {scene['background']} background in {scene['style']} style"
+        out.append(Example(ex.image, {**ex.captions, STYLED: styled},
+                           {**ex.meta, "reference": render(ref, size, int(rng.integers(2**31))),
+                            "reference_scene": scene_to_record(ref)}))
     return out
 
 
@@ -352,7 +362,10 @@ class ImagePool:
         self.sampler = CaptionSampler(cfg)
         self.captions = [[self.sampler.pick(ex.captions, k) for k in range(len(self.sampler.kinds))]
                          for ex in examples]
-        self.text = encode_texts(text_encoder, [c for caps in self.captions for c in caps], cache_dir, progress)
+        # triplets with styled captions also carry them (a style stage's teacher reads them; None where absent)
+        self.styled = [ex.captions.get(STYLED) for ex in examples] if cfg.source == "triplets" else []
+        texts = [c for caps in self.captions for c in caps] + [c for c in self.styled if c]
+        self.text = encode_texts(text_encoder, texts, cache_dir, progress)
         self.latents = self._latents(progress)
 
     def __len__(self) -> int:
@@ -394,6 +407,10 @@ class ImagePool:
         if self.cfg.source in ("pairs", "triplets", "style_pairs"):
             cls = {"pairs": PairBatch, "triplets": TripletBatch, "style_pairs": StylePairBatch}[self.cfg.source]
             extra = (images[:, 2],) if self.cfg.source == "style_pairs" else ()
+            if self.cfg.source == "triplets" and all(self.styled[i] for i in idx):
+                styled, styled_mask = pad_rows([self.text[self.styled[i]] for i in idx], multiple=TEXT_PAD,
+                                               dtype=torch.float32)
+                extra = (styled.to(device), styled_mask.to(device))
             return cls(patchify(latent[:, 0], self.patch), patchify(latent[:, 1], self.patch), context, txtmask,
                        images[:, 0], images[:, 1], gh, gw, *extra)
         return Batch(patchify(latent[:, 0], self.patch), context, txtmask, images[:, 0], gh, gw)

@@ -16,6 +16,7 @@ so later stages and `krea2 generate` can use it directly, the base with the adap
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +158,20 @@ def lora_transform(cfg: LoRAConfig, policy_copies: tuple[str, ...] = ()):
         return model
 
     return transform
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The model's peft adapters switched off for the duration (peft's `enable_adapters(False)` on every LoRA
+    layer): the base model exactly, where the adapters' init left it as it was (not PiSSA/OLoRA-style inits)."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def is_lora_model(model: nn.Module) -> bool:

@@ -19,13 +19,14 @@ architecture), and the trainer writes the adapters as `lora.safetensors` in the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from krea2.style import BACKBONE_DIR, INJECTIONS, StyleEncoder
+from krea2.errors import Krea2Error
+from krea2.style import BACKBONE_DIR, INJECTIONS, StyleEncoder, load_style_encoder, style_adapter_dir
 from krea2.train.data import TripletBatch
 from krea2.train.objectives.base import Models
 from krea2.train.objectives.flow import Denoising, TimestepConfig, flow_matching_loss
@@ -50,6 +51,13 @@ class StyleConfig(TimestepConfig):
     # config's image_size; a Qwen-VL tower takes side (a multiple of its patch x merge, e.g. 448)
     backbone: str = ""
     train_backbone: bool = False
+    # > 0: add teacher_weight x ||v - v_teacher||², v_teacher the frozen base (adapters off, no reference) reading
+    # the caption with the style and background in words (triplets' `styled` captions): the reference learns to do
+    # what those words do (BENCHMARKS.md "Style references")
+    teacher_weight: float = 0.0
+    # start from a saved style adapter (world or a style / style_po folder): its encoder (whose shape wins over the
+    # fields above) and its LoRA as [stages.lora] weights
+    adapter: str = ""
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,11 +72,17 @@ class StyleConfig(TimestepConfig):
             raise ValueError(f"adapter_width must be >= 1, got {self.adapter_width}")
         if self.train_backbone and not self.backbone:
             raise ValueError("train_backbone needs backbone = hf:PATH")
+        if not (self.teacher_weight >= 0 and self.teacher_weight < float("inf")):
+            raise ValueError(f"teacher_weight must be a finite number >= 0, got {self.teacher_weight}")
+        if self.adapter and self.backbone:
+            raise ValueError("adapter and backbone exclude each other: a saved adapter brings its own encoder")
 
 
     def check_files(self, model) -> None:
-        """--validate (where it checks paths): the vision backbone's folder (config and safetensors; weights are
-        read when the stage starts)."""
+        """--validate (where it checks paths): the adapter it starts from, or the vision backbone's folder (config
+        and safetensors; weights are read when the stage starts)."""
+        if self.adapter:
+            load_adapter(self.adapter, model.features, needs_reader=False)
         if self.backbone:
             from krea2.models.vision import check_vision_backbone, input_side
 
@@ -84,6 +98,10 @@ class StyleAdapter(Denoising):
 
     def __init__(self, cfg: StyleConfig, env):
         super().__init__(cfg, env)
+        if cfg.adapter:
+            self.encoder = load_adapter(cfg.adapter, env.model.features, needs_reader=False).train()
+            self.encoder.requires_grad_(True)
+            return
         backbone = None
         if cfg.backbone:
             from krea2.models.vision import VisionBackbone, load_vision_backbone
@@ -91,6 +109,17 @@ class StyleAdapter(Denoising):
             backbone = VisionBackbone(*load_vision_backbone(cfg.backbone[3:]), side=cfg.side)
         self.encoder = StyleEncoder(env.model.features, cfg.tokens, cfg.patch, cfg.width, cfg.heads, cfg.side,
                                     cfg.injection, env.model.layers, cfg.adapter_width, backbone, cfg.train_backbone)
+
+    @classmethod
+    def lora_config(cls, cfg: StyleConfig, lora):
+        """Starting from a saved adapter, its LoRA starts the stage's adapters; and a teacher needs adapters that
+        leave the base as it is when switched off."""
+        if cfg.adapter:
+            lora = adapter_lora_config(cfg.adapter, lora)
+        if cfg.teacher_weight and lora is not None and lora.init in ("pissa", "olora"):
+            raise Krea2Error(f"teacher_weight needs a [stages.lora] init that leaves the base as it is, not "
+                             f"{lora.init}")
+        return lora
 
     def loss(self, models: Models, batch: TripletBatch, step: int, generator: torch.Generator
              ) -> tuple[Tensor, dict]:
@@ -100,8 +129,20 @@ class StyleAdapter(Denoising):
         noise = torch.randn(batch.x0.shape, generator=generator, device=device)
         v = self.velocity(models.policy, batch.x0, noise, t, batch.context, batch.txtmask, batch.gh, batch.gw,
                           reference=self.encoder(batch.images_ref), adapter=self.encoder.adapter)
-        loss = flow_matching_loss(v, batch.x0, noise)
-        return loss, {"loss/flow": loss.detach()}
+        flow = flow_matching_loss(v, batch.x0, noise)
+        metrics = {"loss/flow": flow.detach()}
+        if not self.cfg.teacher_weight:
+            return flow, metrics
+        if batch.context_styled is None:
+            raise Krea2Error("teacher_weight needs triplets with styled captions (the world triplets source)")
+        from krea2.train.lora import adapters_disabled
+
+        with torch.no_grad(), adapters_disabled(models.policy):
+            v_teacher = self.velocity(models.policy, batch.x0, noise, t, batch.context_styled, batch.txtmask_styled,
+                                      batch.gh, batch.gw)
+        teacher = (v.float() - v_teacher.float()).square().mean()
+        metrics["loss/teacher"] = teacher.detach()
+        return flow + self.cfg.teacher_weight * teacher, metrics
 
     def export(self, stage_dir, write: bool) -> None:
         export_style_encoder(self.encoder, stage_dir, write)
@@ -125,3 +166,37 @@ def export_style_encoder(encoder: StyleEncoder, stage_dir, write: bool) -> None:
         text = encoder.backbone.model.config.to_json_string()
         atomic_write(stage_dir / BACKBONE_DIR / "config.json", lambda tmp: Path(tmp).write_text(text))
     atomic_write(stage_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(encoder.config, indent=1) + "\n"))
+
+
+def load_adapter(spec: str, features: int, needs_reader: bool = True) -> StyleEncoder:
+    """A saved style adapter to start a stage from (`krea2.style.load_style_encoder`), checked: made for a DiT of
+    width `features` and, with needs_reader, with a reference LoRA or a block adapter (what a preference step
+    trains). Its LoRA is dropped: the stage's `[stages.lora] weights` carry it (`adapter_lora_config`). One-line
+    Krea2Error otherwise."""
+    start = load_style_encoder(spec)
+    width = start.config["features"]
+    if width != features:
+        raise Krea2Error(f"style adapter {spec} was trained for a DiT of width {width}, not {features}; train one "
+                         "for this base")
+    if needs_reader:
+        start.check_reads_tokens(spec)
+    start.lora = None
+    return start
+
+
+def adapter_lora_config(spec: str, lora):
+    """[stages.lora] for a stage that starts from the saved adapter `spec`: its LoRA file as `weights` (so the
+    trained adapters start as the saved ones). An adapter without one (a block-adapter encoder) trains without
+    [stages.lora], or with a fresh one. Krea2Error for a LoRA the stage lacks or a `weights` that is not the
+    adapter's."""
+    weights = str(style_adapter_dir(spec) / "lora.safetensors")
+    if not Path(weights).is_file():
+        if lora is not None and lora.weights:
+            raise Krea2Error(f"style adapter {spec} has no reference LoRA; leave [stages.lora] weights empty")
+        return lora
+    if lora is None:
+        raise Krea2Error(f"style adapter {spec} has a reference LoRA: add [stages.lora] with its rank and targets")
+    if lora.weights and Path(lora.weights).resolve() != Path(weights).resolve():
+        raise Krea2Error(f"[stages.lora] weights {lora.weights} is not the adapter's LoRA {weights}; leave it "
+                         "empty (the stage sets it)")
+    return replace(lora, weights=weights)

@@ -23,19 +23,18 @@ as a `style` stage (style_encoder.safetensors, style.json, lora.safetensors), so
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from krea2.errors import Krea2Error
-from krea2.style import load_style_encoder, style_adapter_dir
+from krea2.style import style_adapter_dir
 from krea2.train.data import StylePairBatch
 from krea2.train.objectives.base import Models
 from krea2.train.objectives.dpo import DiffusionDPO
 from krea2.train.objectives.stpo import STPO, STPOConfig
-from krea2.train.objectives.style import export_style_encoder
+from krea2.train.objectives.style import adapter_lora_config, export_style_encoder, load_adapter
 
 METHODS = ("stpo", "dpo")
 
@@ -81,21 +80,8 @@ class StylePreference(STPO):
 
     @classmethod
     def lora_config(cls, cfg: StylePOConfig, lora):
-        """The trained adapters start as the supervised adapter's LoRA (policy = reference at step 0). An adapter
-        without one (a block-adapter encoder) trains without [stages.lora], or with a fresh one."""
-        weights = str(style_adapter_dir(cfg.adapter) / "lora.safetensors")
-        if not Path(weights).is_file():
-            if lora is not None and lora.weights:
-                raise Krea2Error(f"style adapter {cfg.adapter} has no reference LoRA; leave [stages.lora] weights "
-                                 "empty")
-            return lora
-        if lora is None:
-            raise Krea2Error("style_po trains the reference LoRA: add [stages.lora] with the adapter's rank and "
-                             "targets")
-        if lora.weights and Path(lora.weights).resolve() != Path(weights).resolve():
-            raise Krea2Error(f"[stages.lora] weights {lora.weights} is not the adapter's LoRA {weights}; leave it "
-                             "empty (style_po sets it)")
-        return replace(lora, weights=weights)
+        """The trained adapters start as the supervised adapter's LoRA (policy = reference at step 0)."""
+        return adapter_lora_config(cfg.adapter, lora)
 
     def pair_velocities(self, models: Models, batch: StylePairBatch, generator: torch.Generator):
         """As Diffusion-DPO's (shared t, noise and text for winner and loser), with the reference tokens (as the
@@ -118,19 +104,6 @@ class StylePreference(STPO):
 
     def export(self, stage_dir, write: bool) -> None:
         export_style_encoder(self.encoder, stage_dir, write)
-
-
-def load_adapter(spec: str, features: int):
-    """The style adapter a preference stage starts from (`krea2.style.load_style_encoder`), checked: made for a DiT
-    of width `features`, with a reference LoRA or a block adapter. One-line Krea2Error otherwise."""
-    start = load_style_encoder(spec)
-    width = start.config["features"]
-    if width != features:
-        raise Krea2Error(f"style adapter {spec} was trained for a DiT of width {width}, not {features}; train one "
-                         "for this base")
-    start.check_reads_tokens(spec)
-    start.lora = None  # the stage's [stages.lora] weights carry it (lora_config)
-    return start
 
 
 def adapter_digest(spec: str) -> Tensor:
