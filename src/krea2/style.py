@@ -16,7 +16,9 @@ strength 0-1, a weight per reference, negative references):
   to read it, while v_base (and strength 0) stays the release model exactly.
 The other injection the field uses, a per-block adapter with a zero-initialised output (IP-Adapter's decoupled
 cross-attention, `BlockAdapter`; `injection = "adapter"` in a style stage), replaces the segment; its hooks run in
-the reference passes only, so strength 0 stays the base model exactly with it too.
+the reference passes only, so strength 0 stays the base model exactly with it too. Measured on the world with the same
+recipe, the segment + reference LoRA won (style 0.441 against 0.402, content 0.365 against 0.328, with half the
+trainable weights; BENCHMARKS.md "Style references"), so it is the default and the shipped adapter's injection.
 Each v_* is the text-guided velocity of `krea2.sampling.guided_velocity` with the same reference in both branches,
 so text guidance and style strength stay separate knobs.
 """
