@@ -38,6 +38,85 @@ from torch import Tensor, nn
 from krea2.errors import Krea2Error
 from krea2.sampling import Conditioning, guided_velocity
 
+INJECTIONS = ("segment", "adapter")  # how style tokens enter the DiT (the module docstring)
+
+
+def canonical_tiles(x: Tensor, tile: int) -> Tensor:
+    """(B, C, S, S) with S divisible by tile -> the same tiles rearranged in one canonical order (sorted by mean
+    value, a fixed projection breaking ties), so any rearrangement of the tiles gives the same image: a backbone that
+    reads the result cannot see the reference's layout, only its tiles."""
+    B, C, S, _ = x.shape
+    g = S // tile
+    t = x.unfold(2, tile, tile).unfold(3, tile, tile).permute(0, 2, 3, 1, 4, 5).reshape(B, g * g, C * tile * tile)
+    w = torch.linspace(-1, 1, t.shape[-1], device=x.device, dtype=t.dtype)
+    order = (t.mean(-1) + 1e-3 * (t * w).mean(-1)).argsort(dim=1, stable=True)
+    t = t.gather(1, order[..., None].expand_as(t))
+    return t.reshape(B, g, g, C, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(B, C, S, S)
+
+
+class BlockAdapter(nn.Module):
+    """Per-block decoupled cross-attention from image tokens to style tokens (IP-Adapter, arXiv 2308.06721), the
+    alternative to the reference segment: after DiT block i, the image tokens h (B, N, features) gain
+    o_i(softmax(q_i(LN h) k_i(r)ᵀ / √width) v_i(r)), r the style tokens (B or 1, Nr, features). Every o_i starts
+    at zero, so a fresh adapter is the base model exactly and training starts from it. Attached from outside by
+    forward hooks on `model.blocks` (`attached`), the DiT's code and its release path untouched."""
+
+    def __init__(self, features: int, layers: int, width: int = 64):
+        super().__init__()
+        self.width = width
+        self.q = nn.ModuleList(nn.Linear(features, width, bias=False) for _ in range(layers))
+        self.kv = nn.ModuleList(nn.Linear(features, 2 * width, bias=False) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(width, features) for _ in range(layers))
+        for o in self.o:
+            nn.init.zeros_(o.weight)
+            nn.init.zeros_(o.bias)
+
+    def delta(self, i: int, h: Tensor, tokens: Tensor) -> Tensor:
+        """Block i's addition to image tokens h (B, N, features), in h's dtype."""
+        dtype = self.o[i].weight.dtype
+        q = self.q[i](F.layer_norm(h.to(dtype), h.shape[-1:]))
+        k, v = self.kv[i](tokens.to(dtype)).expand(len(h), -1, -1).chunk(2, dim=-1)
+        return self.o[i](F.scaled_dot_product_attention(q, k, v)).to(h.dtype)
+
+    def check(self, model: nn.Module) -> None:
+        """Krea2Error unless the model has as many blocks as this adapter."""
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or len(blocks) != len(self.q):
+            raise Krea2Error(f"this style adapter was trained for a DiT with {len(self.q)} blocks; the model has "
+                             f"{'none' if blocks is None else len(blocks)}")
+
+    @contextmanager
+    def attached(self, model: nn.Module, tokens: Tensor, n_image: int):
+        """The model with this adapter after each block for the duration: the last n_image tokens of a block's
+        output (the image segment) gain `delta`. Krea2Error if the model's block count differs."""
+        self.check(model)
+        blocks = model.blocks
+
+        def hook(i):
+            def add(module, args, out):
+                return torch.cat([out[:, :-n_image], out[:, -n_image:] + self.delta(i, out[:, -n_image:], tokens)], 1)
+            return add
+
+        handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(blocks)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def reference_pass(model, tokens: Tensor, n_image: int, lora=None, adapter: BlockAdapter | None = None):
+    """The model set up for a pass with style tokens (B or 1, Nr, features): the reference LoRA added and, with a
+    block adapter, its hooks attached (yields None: no segment); without one, yields the tokens, to be the reference
+    segment."""
+    with reference_lora(model, lora):
+        if adapter is None:
+            yield tokens
+            return
+        with adapter.attached(model, tokens, n_image):
+            yield None
+
 
 class StyleEncoder(nn.Module):
     """Reference images (B, 3, H, W) in [-1, 1] -> style tokens (B, tokens, features) in the DiT's width.
@@ -129,86 +208,6 @@ class StyleEncoder(nn.Module):
             raise Krea2Error(f"style adapter {what} has neither a reference LoRA (lora.safetensors) nor a block "
                              "adapter, so the base model ignores its tokens; train it with [stages.lora] or "
                              "injection = \"adapter\"")
-
-
-INJECTIONS = ("segment", "adapter")
-
-
-def canonical_tiles(x: Tensor, tile: int) -> Tensor:
-    """(B, C, S, S) with S divisible by tile -> the same tiles rearranged in one canonical order (sorted by mean
-    value, a fixed projection breaking ties), so any rearrangement of the tiles gives the same image: a backbone that
-    reads the result cannot see the reference's layout, only its tiles."""
-    B, C, S, _ = x.shape
-    g = S // tile
-    t = x.unfold(2, tile, tile).unfold(3, tile, tile).permute(0, 2, 3, 1, 4, 5).reshape(B, g * g, C * tile * tile)
-    w = torch.linspace(-1, 1, t.shape[-1], device=x.device, dtype=t.dtype)
-    order = (t.mean(-1) + 1e-3 * (t * w).mean(-1)).argsort(dim=1, stable=True)
-    t = t.gather(1, order[..., None].expand_as(t))
-    return t.reshape(B, g, g, C, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(B, C, S, S)
-
-
-class BlockAdapter(nn.Module):
-    """Per-block decoupled cross-attention from image tokens to style tokens (IP-Adapter, arXiv 2308.06721), the
-    alternative to the reference segment: after DiT block i, the image tokens h (B, N, features) gain
-    o_i(softmax(q_i(LN h) k_i(r)ᵀ / √width) v_i(r)), r the style tokens (B or 1, Nr, features). Every o_i starts
-    at zero, so a fresh adapter is the base model exactly and training starts from it. Attached from outside by
-    forward hooks on `model.blocks` (`attached`), the DiT's code and its release path untouched."""
-
-    def __init__(self, features: int, layers: int, width: int = 64):
-        super().__init__()
-        self.width = width
-        self.q = nn.ModuleList(nn.Linear(features, width, bias=False) for _ in range(layers))
-        self.kv = nn.ModuleList(nn.Linear(features, 2 * width, bias=False) for _ in range(layers))
-        self.o = nn.ModuleList(nn.Linear(width, features) for _ in range(layers))
-        for o in self.o:
-            nn.init.zeros_(o.weight)
-            nn.init.zeros_(o.bias)
-
-    def delta(self, i: int, h: Tensor, tokens: Tensor) -> Tensor:
-        """Block i's addition to image tokens h (B, N, features), in h's dtype."""
-        dtype = self.o[i].weight.dtype
-        q = self.q[i](F.layer_norm(h.to(dtype), h.shape[-1:]))
-        k, v = self.kv[i](tokens.to(dtype)).expand(len(h), -1, -1).chunk(2, dim=-1)
-        return self.o[i](F.scaled_dot_product_attention(q, k, v)).to(h.dtype)
-
-    def check(self, model: nn.Module) -> None:
-        """Krea2Error unless the model has as many blocks as this adapter."""
-        blocks = getattr(model, "blocks", None)
-        if blocks is None or len(blocks) != len(self.q):
-            raise Krea2Error(f"this style adapter was trained for a DiT with {len(self.q)} blocks; the model has "
-                             f"{'none' if blocks is None else len(blocks)}")
-
-    @contextmanager
-    def attached(self, model: nn.Module, tokens: Tensor, n_image: int):
-        """The model with this adapter after each block for the duration: the last n_image tokens of a block's
-        output (the image segment) gain `delta`. Krea2Error if the model's block count differs."""
-        self.check(model)
-        blocks = model.blocks
-
-        def hook(i):
-            def add(module, args, out):
-                return torch.cat([out[:, :-n_image], out[:, -n_image:] + self.delta(i, out[:, -n_image:], tokens)], 1)
-            return add
-
-        handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(blocks)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-@contextmanager
-def reference_pass(model, tokens: Tensor, n_image: int, lora=None, adapter: BlockAdapter | None = None):
-    """The model set up for a pass with style tokens (B or 1, Nr, features): the reference LoRA added and, with a
-    block adapter, its hooks attached (yields None: no segment); without one, yields the tokens, to be the reference
-    segment."""
-    with reference_lora(model, lora):
-        if adapter is None:
-            yield tokens
-            return
-        with adapter.attached(model, tokens, n_image):
-            yield None
 
 
 @dataclass
