@@ -330,7 +330,7 @@ class ImagePool:
     and latents; `batch(step)` is a pure function of (seed, step)."""
 
     def __init__(self, cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int,
-                 cache_dir: str | Path | None = None, progress: bool = True):
+                 cache_dir: str | Path | None = None, progress: bool = True, styled: bool = False):
         self.cfg, self.seed, self.ae, self.patch = cfg, seed, autoencoder, patch
         examples = pool_examples(cfg, seed)
         if not examples:
@@ -362,8 +362,8 @@ class ImagePool:
         self.sampler = CaptionSampler(cfg)
         self.captions = [[self.sampler.pick(ex.captions, k) for k in range(len(self.sampler.kinds))]
                          for ex in examples]
-        # triplets with styled captions also carry them (a style stage's teacher reads them; None where absent)
-        self.styled = [ex.captions.get(STYLED) for ex in examples] if cfg.source == "triplets" else []
+        # styled: triplets also carry their STYLED captions (a style stage's teacher reads them; None where absent)
+        self.styled = [ex.captions.get(STYLED) for ex in examples] if styled and cfg.source == "triplets" else []
         texts = [c for caps in self.captions for c in caps] + [c for c in self.styled if c]
         self.text = encode_texts(text_encoder, texts, cache_dir, progress)
         self.latents = self._latents(progress)
@@ -407,7 +407,7 @@ class ImagePool:
         if self.cfg.source in ("pairs", "triplets", "style_pairs"):
             cls = {"pairs": PairBatch, "triplets": TripletBatch, "style_pairs": StylePairBatch}[self.cfg.source]
             extra = (images[:, 2],) if self.cfg.source == "style_pairs" else ()
-            if self.cfg.source == "triplets" and all(self.styled[i] for i in idx):
+            if self.styled and all(self.styled[i] for i in idx):
                 styled, styled_mask = pad_rows([self.text[self.styled[i]] for i in idx], multiple=TEXT_PAD,
                                                dtype=torch.float32)
                 extra = (styled.to(device), styled_mask.to(device))
@@ -542,7 +542,7 @@ class PromptPool:
     world` reads)."""
 
     def __init__(self, cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int,
-                 cache_dir: str | Path | None = None, progress: bool = True):
+                 cache_dir: str | Path | None = None, progress: bool = True, **_):
         self.cfg, self.seed = cfg, seed
         self.pixels_per_token = autoencoder.compression * patch
         if cfg.path:  # the eval's own reader: one-line errors naming the file and line
@@ -583,7 +583,8 @@ class PromptPool:
 
 
 def build_data(cfg: DataConfig, seed: int, text_encoder, autoencoder, patch: int, cache_dir=None,
-               progress: bool = True):
-    """The stage's data source: an object with `batch(step, batch_size, rank, world, device)` and `len()`."""
+               progress: bool = True, **options):
+    """The stage's data source: an object with `batch(step, batch_size, rank, world, device)` and `len()`.
+    options: what the objective asks of it (`Objective.data_options`; `styled=True`: triplets with STYLED captions)."""
     cls = {"rows": RowStream, "prompts": PromptPool}.get(cfg.source, ImagePool)
-    return cls(cfg, seed, text_encoder, autoencoder, patch, cache_dir=cache_dir, progress=progress)
+    return cls(cfg, seed, text_encoder, autoencoder, patch, cache_dir=cache_dir, progress=progress, **options)

@@ -293,7 +293,8 @@ def train_stage(ctx: Context, stage: StageConfig, init: DiT, resume: bool) -> Di
     if state_dir.exists() and not resume:
         raise Krea2Error(f"{sdir} already holds a run; pass --resume to continue it or choose another --out")
     data = build_data(stage.data, stage.seed, ctx.text_encoder, ctx.autoencoder, cfg.patch,
-                      cache_dir=ctx.out / "cache", progress=ctx.progress and main)
+                      cache_dir=ctx.out / "cache", progress=ctx.progress and main,
+                      **stage_objective(stage).data_options(stage.objective))
     rt = build_stage(ctx, stage, init, len(data))
     model, mset, tctx, opt_list = rt.mset.policy, rt.mset, rt.tctx, rt.opt_list
     objective = rt.objective

@@ -129,6 +129,12 @@ class Objective(nn.Module):
         supervised adapter). Raises Krea2Error for a stage the objective cannot train (run by --validate too)."""
         return lora
 
+    @classmethod
+    def data_options(cls, cfg) -> dict:
+        """Keyword options the stage's data source is built with for this objective's Config `cfg` (e.g. a style
+        stage with a teacher asks triplets for their styled captions); default none."""
+        return {}
+
     def optimizers(self, models: Models) -> dict[str, OptimizerSpec]:
         """One optimiser named "policy" over the policy's trainable parameters and this objective's own."""
         return {"policy": OptimizerSpec([models.policy, self])}

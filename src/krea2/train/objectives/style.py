@@ -111,6 +111,10 @@ class StyleAdapter(Denoising):
                                     cfg.injection, env.model.layers, cfg.adapter_width, backbone, cfg.train_backbone)
 
     @classmethod
+    def data_options(cls, cfg: StyleConfig) -> dict:
+        return {"styled": True} if cfg.teacher_weight else {}  # the teacher reads the captions naming the style
+
+    @classmethod
     def lora_config(cls, cfg: StyleConfig, lora):
         """Starting from a saved adapter, its LoRA starts the stage's adapters; and a teacher needs adapters that
         leave the base as it is when switched off."""
