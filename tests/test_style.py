@@ -120,26 +120,28 @@ def style_recipe(steps, init=None, lora=None, **stage_keys):
 def test_style_stage_trains_the_encoder_only_and_resumes_exactly(tmp_path):
     import shutil
 
-    from krea2.models.dit import DiT
     from krea2.models.loading import load_dit
     from krea2.style import load_style_encoder
-    from krea2.train.trainer import init_weights, train_recipe
+    from krea2.train.trainer import train_recipe
 
-    ref = train_recipe(style_recipe(4), tmp_path / "ref", progress=False)
-    torch.manual_seed(0)
-    start = init_weights(DiT("tiny-world")).state_dict()
+    base = save_random_checkpoint(tmp_path / "base", resolution=16)
+    ref = train_recipe(style_recipe(4, init=base), tmp_path / "ref", progress=False)
+    start = load_dit(base / "model.safetensors").state_dict()
     out = load_dit(ref / "model.safetensors").state_dict()
     assert all(torch.equal(start[k], out[k]) for k in start)  # the base model is frozen
     enc = load_style_encoder(tmp_path / "ref" / "style")
-    fresh = StyleEncoder(64, 2, 4, 32, 4, 16)
-    assert any(not torch.equal(a, b) for a, b in zip(enc.state_dict().values(), fresh.state_dict().values()))
     run = tmp_path / "run"
-    train_recipe(style_recipe(2), run, progress=False)
+    train_recipe(style_recipe(2, init=base), run, progress=False)
+    half = load_style_encoder(run / "style")
+    assert any(not torch.equal(a, b) for a, b in zip(enc.state_dict().values(), half.state_dict().values()))
     for p in ("style/final", "final"):
         shutil.rmtree(run / p)
-    train_recipe(style_recipe(4), run, resume=True, progress=False)
+    train_recipe(style_recipe(4, init=base), run, resume=True, progress=False)
     again = load_style_encoder(run / "style")
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(Krea2Error, match="trains against a frozen base"):
+        train_recipe(style_recipe(1), tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh" / "recipe.json").exists()
     with pytest.raises(Krea2Error, match="holds no style encoder"):
         load_style_encoder(tmp_path)
     with pytest.raises(Krea2Error, match="does not exist; train one"):
@@ -236,7 +238,8 @@ def test_eval_style_end_to_end(tmp_path, cli_error, monkeypatch):
     from krea2 import cli
     from krea2.train.trainer import train_recipe
 
-    train_recipe(style_recipe(2), tmp_path / "run", progress=False)
+    train_recipe(style_recipe(2, init=save_random_checkpoint(tmp_path / "base", resolution=16)), tmp_path / "run",
+                 progress=False)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "a red circle", "tag": "single_object", "objects": [{"shape": "circle", "color": "red"}]},

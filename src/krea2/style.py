@@ -139,8 +139,10 @@ class StyleEncoder(nn.Module):
                  side: int = 32, injection: str = "segment", layers: int = 0, adapter_width: int = 64,
                  backbone: nn.Module | None = None, train_backbone: bool = False):
         super().__init__()
-        if tokens < 1 or patch < 1 or side % patch or width % heads:
-            raise Krea2Error("style encoder needs tokens >= 1, side divisible by patch and width by heads")
+        if tokens < 1 or patch < 1 or width % heads or backbone is None and side % patch:
+            raise Krea2Error(f"style encoder needs tokens >= 1, width divisible by heads and (without a backbone) "
+                             f"side divisible by patch; got tokens {tokens}, width {width}, heads {heads}, "
+                             f"side {side}, patch {patch}")
         if injection not in INJECTIONS:
             raise Krea2Error(f"style injection {injection!r} unknown; choose one of {list(INJECTIONS)}")
         if injection == "adapter" and (layers < 1 or adapter_width < 1):
@@ -363,7 +365,8 @@ def load_style_encoder(folder, device="cpu") -> StyleEncoder:
     except Krea2Error:
         raise
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise Krea2Error(f"{cfg_file} is damaged ({type(e).__name__}: {e}); re-export the style stage") from None
+        raise Krea2Error(f"{cfg_file} is damaged ({type(e).__name__}: {e}); copy the folder again from the run that "
+                         "trained it") from None
     sd = read_safetensors(weights)
     missing = sorted(set(encoder.state_dict()) ^ set(sd))
     if missing:
@@ -386,11 +389,21 @@ def saved_backbone(folder: Path, spec: dict) -> nn.Module:
 
     from krea2.models.vision import VisionBackbone
 
-    if not (folder / BACKBONE_DIR / "config.json").is_file():
-        raise Krea2Error(f"{folder} lacks {BACKBONE_DIR}/config.json (its vision backbone's architecture); "
-                         "re-export the style stage")
-    cfg = AutoConfig.from_pretrained(folder / BACKBONE_DIR, local_files_only=True)
-    return VisionBackbone(AutoModel.from_config(cfg), spec["mean"], spec["std"], spec["side"])
+    file = folder / BACKBONE_DIR / "config.json"
+    if not file.is_file():
+        raise Krea2Error(f"{folder} lacks {BACKBONE_DIR}/config.json (its vision backbone's architecture, written by "
+                         "the style stage); copy the whole folder again from the run that trained it")
+    try:
+        cfg = AutoConfig.from_pretrained(file.parent, local_files_only=True)
+        cfg = getattr(cfg, "vision_config", None) or cfg  # a whole model's config put back by hand: its tower
+        model = AutoModel.from_config(cfg)
+    except (ValueError, KeyError, OSError) as e:
+        raise Krea2Error(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); copy the folder "
+                         "again from the run that trained it") from None
+    if not hasattr(cfg, "patch_size"):
+        raise Krea2Error(f"{file} is a {cfg.model_type} config, not a vision tower's; copy the folder again from the "
+                         "run that trained it")
+    return VisionBackbone(model, spec["mean"], spec["std"], spec["side"])
 
 
 def decode_reference(data: bytes, what: str, max_pixels: int = 64 * 1024 * 1024) -> Tensor:

@@ -67,7 +67,8 @@ def style(
         "style_eval.json"),
 ):
     """Generate each prompt with references rendered in a known style and without; prints style accuracy, content
-    and leakage (rise over the no-reference rate); last line `style X content Y leakage Z`."""
+    and leakage (rise over the no-reference rate), the share of images holding any object ("drawn") with the style
+    accuracy among them, and style accuracy per reference style; last line `style X content Y leakage Z`."""
     import json
 
     from krea2.errors import Krea2Error

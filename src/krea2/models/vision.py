@@ -47,12 +47,12 @@ def check_vision_backbone(path: str | Path):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise Krea2Error(f"vision backbone {str(path)!r} not found locally (no config.json); pass a local folder "
-                         "with config.json and safetensors weights (e.g. google/siglip-base-patch16-224 or "
-                         "facebook/dinov2-base downloaded beforehand)")
+        raise Krea2Error(f"vision backbone {str(path)!r} not found locally (no config.json); nothing is downloaded "
+                         "at run time: fetch it first (`hf download google/siglip-base-patch16-224 --local-dir "
+                         "models/siglip`) and pass the folder (hf:models/siglip)")
     if not any(path.glob("*.safetensors")):
-        raise Krea2Error(f"{path} holds no .safetensors weights (pickled weights are not loaded); save the model "
-                         "with safe_serialization")
+        raise Krea2Error(f"{path} holds no .safetensors weights (pickled weights are not loaded for safety); convert "
+                         "them once: load the model with transformers and save_pretrained it to a new folder")
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as e:

@@ -246,11 +246,24 @@ def stage_objective(stage: StageConfig):
     return cls
 
 
+def check_frozen_start(recipe: Recipe) -> None:
+    """A first stage that keeps the policy frozen (a style adapter) must start from a trained model: a freshly
+    initialised DiT's output layer is zero, so no gradient reaches the adapter and nothing would train. One-line
+    Krea2Error otherwise."""
+    first = recipe.stages[0]
+    if not recipe.model.init and not get_objective(first.objective.name).trains_policy:
+        raise Krea2Error(f"stage {first.name}: objective {first.objective.name} trains against a frozen base, and "
+                         "this recipe starts from a fresh model (whose zero output layer passes no gradient); set "
+                         "[model] init = CHECKPOINT, or train the base in an earlier stage")
+
+
 def build_stage(ctx: Context, stage: StageConfig, init: DiT, data_size: int | None = None) -> StageRuntime:
     """The objective by name, the model set (placed and parallelised) and one AdamW per declared optimiser."""
     cfg = init.cfg
     objective_cls = stage_objective(stage)
-    objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage, data_size))
+    with torch.random.fork_rng(devices=[]):  # the objective's own modules start from the stage's seed alone
+        torch.manual_seed(stage.seed)
+        objective = objective_cls(stage.objective, objective_env(ctx, cfg, stage, data_size))
     pcfg = stage.parallel(ctx.recipe.parallel)
     parallel_on = ctx.dist.world_size > 1 or pcfg.activation_checkpoint != "none" or pcfg.compile
     transforms = []
@@ -513,8 +526,6 @@ def check_same_recipe(file: Path, recorded: dict) -> None:
 
 def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Run every stage in order; each starts from the previous stage's output. Returns <out>/final."""
-    from krea2.models.autoencoders import load_autoencoder
-    from krea2.models.text_encoders import load_text_encoder
 
     out = Path(out)
     dist = parallel.init_distributed(recipe.parallel.timeout_s)
@@ -522,12 +533,29 @@ def train_recipe(recipe: Recipe, out: str | Path, resume: bool = False, progress
         else None
     recorded = json.loads(json.dumps(recipe.to_dict(), default=str))
     check_same_recipe(out / "recipe.json", recorded)
+    check_frozen_start(recipe)
     barrier()  # every rank compared before rank 0 records the recipe
+    recorded_now = not (out / "recipe.json").is_file()
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "recipe.json.tmp"
         tmp.write_text(json.dumps(recorded, indent=1) + "\n")
         tmp.replace(out / "recipe.json")
+    try:
+        return run_stages(recipe, out, dist, mesh, resume, progress)
+    except Krea2Error:
+        # a run that failed before any stage saved state leaves no record behind: fixing the recipe and running
+        # again with the same --out must not be refused as "a different recipe"
+        if dist.is_main and recorded_now and not any((out / s.name / "state").exists() for s in recipe.stages):
+            (out / "recipe.json").unlink(missing_ok=True)
+        raise
+
+
+def run_stages(recipe: Recipe, out: Path, dist, mesh, resume: bool, progress: bool) -> Path:
+    """train_recipe's work once the recipe is recorded: every stage in order, then <out>/final."""
+    from krea2.models.autoencoders import load_autoencoder
+    from krea2.models.text_encoders import load_text_encoder
+
     ctx = Context(recipe, out, load_text_encoder(recipe.text_encoder, device=dist.device),
                   load_autoencoder(recipe.autoencoder, device=dist.device), dist, mesh, progress)
     model = initial_model(ctx).to(dist.device)
@@ -591,6 +619,7 @@ def validate_recipe(recipe: Recipe, check_paths: bool = True) -> str:
     compression = {"identity": 1, "world": 4}.get((recipe.autoencoder or "").partition(":")[0], 8)
     if recipe.model.transfer and check_paths:
         resolve_checkpoint(recipe.model.transfer)  # a missing transfer checkpoint fails here, not at train time
+    check_frozen_start(recipe)
     for s in recipe.stages:
         unit = compression * cfg.patch
         bad = [r for r in s.data.resolutions if r % unit]

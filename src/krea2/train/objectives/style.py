@@ -48,7 +48,9 @@ class StyleConfig(TimestepConfig):
     adapter_width: int = 64
     # "": the world's pixel-patch encoder; hf:PATH: a transformers vision backbone's patch tokens (SigLIP, DINOv2,
     # Qwen3-VL's vision tower; krea2.models.vision), frozen unless train_backbone. ViT-like backbones take their
-    # config's image_size; a Qwen-VL tower takes side (a multiple of its patch x merge, e.g. 448)
+    # config's image_size; a Qwen-VL tower takes side (a multiple of its patch x merge, e.g. 448). PATH is relative
+    # to the working directory; the adapter folder keeps the backbone's weights (style_encoder.safetensors) and
+    # architecture (backbone/config.json), so it loads alone, at the backbone's size
     backbone: str = ""
     train_backbone: bool = False
     # > 0: add teacher_weight x ||v - v_teacher||², v_teacher the frozen base (adapters off, no reference) reading
@@ -61,9 +63,13 @@ class StyleConfig(TimestepConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.tokens < 1 or self.patch < 1 or self.side % self.patch or self.width % self.heads:
-            raise ValueError("style needs tokens >= 1, side divisible by patch and width divisible by heads")
-        if self.backbone and not self.backbone.startswith("hf:"):
+        if self.tokens < 1 or self.patch < 1 or self.width % self.heads:
+            raise ValueError(f"style needs tokens >= 1 and width divisible by heads, got tokens {self.tokens}, width "
+                             f"{self.width}, heads {self.heads}")
+        if not self.backbone and self.side % self.patch:
+            raise ValueError(f"style side {self.side} is not divisible by patch {self.patch} (the pixel-patch "
+                             "encoder's patches tile the reference)")
+        if self.backbone and (not self.backbone.startswith("hf:") or not self.backbone[3:].strip()):
             raise ValueError(f"style backbone {self.backbone!r}: use hf:PATH (a local transformers folder) or leave it "
                              "empty for the pixel-patch encoder")
         if self.injection not in INJECTIONS:
@@ -101,6 +107,10 @@ class StyleAdapter(Denoising):
         if cfg.adapter:
             self.encoder = load_adapter(cfg.adapter, env.model.features, needs_reader=False).train()
             self.encoder.requires_grad_(True)
+            if cfg.injection != self.encoder.config["injection"]:
+                raise Krea2Error(f"style adapter {cfg.adapter} injects as {self.encoder.config['injection']!r}, not "
+                                 f"{cfg.injection!r}; a saved adapter brings its own injection, leave injection "
+                                 "out or match it")
             return
         backbone = None
         if cfg.backbone:
