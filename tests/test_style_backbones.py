@@ -159,6 +159,10 @@ def test_a_siglip_style_adapter_trains_its_heads_then_its_preference_step_keeps_
     base = save_random_checkpoint(tmp_path / "base", resolution=16)
     objective = {"name": "style", "tokens": 2, "width": 32, "side": 16, "backbone": f"hf:{path}",
                  "injection": "adapter", "adapter_width": 8}
+    with pytest.raises(Krea2Error, match="not found locally"):  # a typo in the path fails before anything is saved
+        train_recipe(style_recipe(2, init=base, objective={**objective, "backbone": f"hf:{path}x"}, lr=1e-2),
+                     tmp_path / "sup", progress=False)
+    assert not (tmp_path / "sup" / "recipe.json").exists()  # so the corrected recipe may use the same --out
     final = train_recipe(style_recipe(2, init=base, objective=objective, lr=1e-2), tmp_path / "sup", progress=False)
     folder = tmp_path / "sup" / "style"
     assert (folder / "backbone" / "config.json").is_file()
