@@ -206,7 +206,8 @@ def test_the_world_style_adapter_ships_with_its_reference_lora():
     from krea2.style import check_style_encoder, load_style_encoder
 
     enc = load_style_encoder("world")
-    assert enc.lora is not None and len(enc.lora.modules) == 30  # rank 16 on the 6 blocks' 5 attention Linears
+    # rank 32 on the 6 blocks' 5 attention and 3 MLP Linears
+    assert enc.lora is not None and len(enc.lora.modules) == 48 and enc.lora.ranks == [32]
     pipe = load_pipeline("world")
     check_style_encoder(enc, pipe.model)
     with torch.no_grad():
