@@ -68,10 +68,12 @@ world-rl: setup
 world-turbo: setup
 	bash scripts/world_turbo.sh runs/turbo
 
-# the world style adapter (a style encoder and a reference LoRA on the frozen base, from world triplets; ~40 min at
-# one thread), then its preference step (style pairs drawn by it, judged by style accuracy minus leakage; STPO on
-# the encoder and the LoRA), then its evaluation; ship it (`--style-encoder world`) with
-#   cp runs/world-style-po/po/{style.json,style_encoder.safetensors,lora.safetensors} src/krea2/assets/world_style/
+# the world style adapter (a style encoder and a rank-32 reference LoRA on the frozen base, from world triplets; ~55
+# min at one thread), then its preference step (style pairs drawn by it, judged by style accuracy minus leakage; STPO
+# on the encoder and the LoRA), then its evaluation; ship the better of runs/world-style/style and
+# runs/world-style-po/po by `krea2 eval style` (`--style-encoder world`; session 10 shipped the supervised adapter,
+# its preference step not yet run) with
+#   cp DIR/{style.json,style_encoder.safetensors,lora.safetensors} src/krea2/assets/world_style/
 world-style: setup
 	$(VENV)/bin/krea2 train recipes/world-style.toml --out runs/world-style --resume
 	test -f runs/world-style/pairs.parquet || $(VENV)/bin/krea2 pairs --kind style --style-encoder runs/world-style/style \
