@@ -63,7 +63,6 @@ class BlockAdapter(nn.Module):
 
     def __init__(self, features: int, layers: int, width: int = 64):
         super().__init__()
-        self.width = width
         self.q = nn.ModuleList(nn.Linear(features, width, bias=False) for _ in range(layers))
         self.kv = nn.ModuleList(nn.Linear(features, 2 * width, bias=False) for _ in range(layers))
         self.o = nn.ModuleList(nn.Linear(width, features) for _ in range(layers))
